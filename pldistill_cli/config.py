@@ -1,0 +1,141 @@
+"""Typed settings read from params.yaml, validated once where they are read."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import PldistillError
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    n_speakers: int = 10
+    n_sentences: int = 6
+    n_folds: int = 5
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    sample_rate: int = 16000
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    preset: str = "tiny"
+
+
+@dataclass(frozen=True)
+class TrainTeacherParams:
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    attention_layer: int = -1
+    top_k: int = 16
+    temperature: float = 2.0
+    batch_size: int = 16
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    lambda_p: float = 1.0
+    lambda_l: float = 1.0
+    epochs: int = 30
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    device: Device = "auto"
+    train_llm: Literal["full", "frozen"] = "full"
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 16
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    cpu_threads: int = 1
+    datasets: tuple[str, ...] = ("synthetic",)
+    folds: tuple[int, ...] = (1,)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train_teacher: TrainTeacherParams = field(default_factory=TrainTeacherParams)
+    cache: CacheParams = field(default_factory=CacheParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of JSON-able data (settings, prompts, ids)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise PldistillError(f"params.yaml: `{where}` must be a mapping, got {value!r}")
+        return _build(typ, value, where)
+    origin = get_origin(typ)
+    if origin is Literal:
+        if value not in get_args(typ):
+            raise PldistillError(f"params.yaml: `{where}` must be one of {list(get_args(typ))}, got {value!r}")
+        return value
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(v, get_args(typ)[0], f"{where}[{i}]") for i, v in enumerate(items))
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, str, bool) and type(value) is typ:
+        return value
+    raise PldistillError(f"params.yaml: `{where}` must be {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str = "") -> Any:
+    hints = get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise PldistillError(f"params.yaml: unknown setting `{key}`; known: {', '.join(hints)}")
+    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**values)
+
+
+def load_params(path: Path = Path("params.yaml")) -> Params:
+    """Read and validate params.yaml; missing settings take the defaults above."""
+    if not path.exists():
+        raise PldistillError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise PldistillError(f"{path}: malformed YAML{line}; fix the file") from None
+    if not isinstance(raw, dict):
+        raise PldistillError(f"{path}: expected a mapping of settings at the top level")
+    return _build(Params, raw)

@@ -1,0 +1,41 @@
+"""The embedded default: a synthetic emotional-speech corpus rendered offline with espeak-ng."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..config import Params
+from ..errors import PldistillError
+from ..layout import Layout
+from . import SourceItem, previous_fold
+from .synthetic import SyntheticSettings, generate_corpus
+
+
+class SyntheticAdapter:
+    name = "synthetic"
+
+    def collect(self, params: Params, layout: Layout, root: Path | None, advance: Callable[[], None]) -> list[SourceItem]:
+        p = params.synthetic
+        if p.n_folds < 3 or p.n_speakers % p.n_folds:
+            raise PldistillError(
+                f"params.yaml: synthetic.n_folds ({p.n_folds}) must be at least 3 (test, validation and train "
+                f"speakers) and divide n_speakers ({p.n_speakers})"
+            )
+        out_dir = root or layout.raw(self.name)
+        settings = SyntheticSettings(seed=params.seed, n_speakers=p.n_speakers, n_sentences=p.n_sentences)
+        plan = generate_corpus(out_dir, settings, on_progress=advance)
+        speakers = sorted({u.speaker for u in plan})
+        per_fold = len(speakers) // p.n_folds
+        fold_of = {s: i // per_fold + 1 for i, s in enumerate(speakers)}
+        return [
+            SourceItem(
+                utt_id=u.utt_id,
+                speaker=u.speaker,
+                label=u.label,
+                source_path=out_dir / f"{u.utt_id}.wav",
+                fold=fold_of[u.speaker],
+                validation_fold=previous_fold(fold_of[u.speaker], p.n_folds),
+            )
+            for u in plan
+        ]

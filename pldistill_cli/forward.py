@@ -1,0 +1,206 @@
+"""Inputs and forward passes shared by every stage: prompt ids, audio features, the encoder, the
+LLM on top of (cached) encoder output, attention capture at one layer, and label scoring."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+
+from .errors import PldistillError
+from .labels import SYSTEM_PROMPT, user_prompt
+from .models import AUDIO_TOKEN, END_OF_TURN
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Token ids of the chat prompt around the audio, and of each answer (label tokens + end of turn).
+    Rendered once with the processor's own chat template, so any Qwen2-Audio processor works."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    labels: tuple[str, ...]
+    answers: tuple[tuple[int, ...], ...]
+    audio_token_id: int
+    pad_id: int
+    text: str
+
+    @classmethod
+    def from_processor(cls, processor: Qwen2AudioProcessor, labels: Sequence[str]) -> "PromptLayout":
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": user_prompt(tuple(labels))}]},
+        ]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tokenizer = processor.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        if ids.count(audio_id) != 1:
+            raise PldistillError(f"the processor's chat template must place exactly one {AUDIO_TOKEN}; got {ids.count(audio_id)}")
+        at = ids.index(audio_id)
+        eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        answers = tuple(tuple(tokenizer(label, add_special_tokens=False)["input_ids"]) + (eot,) for label in labels)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+        return cls(tuple(ids[:at]), tuple(ids[at + 1 :]), tuple(labels), answers, audio_id, pad, text)
+
+    def prompt_ids(self, n_audio: int) -> list[int]:
+        return [*self.prefix, *([self.audio_token_id] * n_audio), *self.suffix]
+
+    def answer_ids(self, label: str) -> tuple[int, ...]:
+        return self.answers[self.labels.index(label)]
+
+
+def audio_features(processor: Qwen2AudioProcessor, waves: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Log-mel features padded to the encoder window, and their frame mask (clips beyond it are cut)."""
+    out = processor.feature_extractor(
+        list(waves), sampling_rate=16000, padding="max_length", truncation=True, return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return out["input_features"], out["attention_mask"]
+
+
+def audio_steps(feature_mask: Tensor) -> Tensor:
+    """Number T of audio tokens per clip (conv stride 2, then average pooling by 2)."""
+    frames = feature_mask.sum(-1)
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def encode_audio(model: Qwen2AudioForConditionalGeneration, features: Tensor, feature_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder output X [B, T_max, D_enc] and lengths T [B], masked exactly as Qwen2-Audio masks it."""
+    tower = model.model.audio_tower
+    feat_lengths, lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
+    steps = (features.shape[-1] - 2) // 2 + 1
+    valid = (torch.arange(steps, device=features.device)[None] < feat_lengths[:, None]).long()
+    dummy = torch.zeros(features.shape[0], steps, 1, dtype=tower.conv1.weight.dtype, device=features.device)
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=valid)
+    hidden = tower(features, attention_mask=mask).last_hidden_state
+    return hidden, lengths.to(hidden.device)
+
+
+def step_mask(lengths: Tensor, steps: int) -> Tensor:
+    return torch.arange(steps, device=lengths.device)[None] < lengths[:, None]
+
+
+def forward_from_encoder(
+    model: Qwen2AudioForConditionalGeneration,
+    encoded: Tensor,
+    lengths: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    **llm_kwargs,
+) -> tuple[Tensor, Tensor, object]:
+    """Logits [B, S, V], projector output [B, T_max, D_llm] and the KV cache, from encoder output.
+    Equals the model's own forward on the audio (tested); works with left or right padding."""
+    projected = model.model.multi_modal_projector(encoded)
+    embeds = model.model.get_input_embeddings()(input_ids)
+    audio_slots = input_ids == model.config.audio_token_id
+    audio = projected[step_mask(lengths, projected.shape[1])]
+    if audio.shape[0] != int(audio_slots.sum()):
+        raise PldistillError(f"prompt has {int(audio_slots.sum())} audio slots for {audio.shape[0]} audio steps")
+    embeds = embeds.masked_scatter(audio_slots[..., None], audio.to(embeds.dtype))
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **llm_kwargs)
+    return model.lm_head(out.last_hidden_state), projected, out.cache
+
+
+@contextmanager
+def capture_audio_attention(
+    model: Qwen2AudioForConditionalGeneration, layer: int, query_mask: Tensor, audio_mask: Tensor, key_mask: Tensor
+) -> Iterator[dict]:
+    """While active, the next forward pass stores in result["weights"] the attention [B, S] of the
+    given LLM layer from the query positions (query_mask) onto the audio keys (audio_mask): mean over
+    heads and query positions, renormalised to sum 1 over the audio keys. key_mask is the
+    attention mask (False = padding).
+
+    Only that layer's query rows are recomputed from its inputs (q, k after rotary embedding), so no
+    layer's full attention matrix is materialised and the model keeps its fast attention kernel."""
+    layers = model.model.language_model.layers
+    if not -len(layers) <= layer < len(layers):
+        raise PldistillError(f"params.yaml: cache.attention_layer {layer} is outside the teacher's {len(layers)} LLM layers")
+    attn = layers[layer].self_attn
+    result: dict = {}
+
+    def hook(module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        b, s, _ = hidden.shape
+        q = module.q_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
+        k = module.k_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = repeat_kv(k, module.num_key_value_groups)
+        n_query = int(query_mask.sum(-1).max())
+        # Gather each clip's query rows (padded to n_query) so only [B, H, n_query, S] scores exist.
+        order = torch.sort(query_mask.long(), dim=-1, descending=True, stable=True).indices[:, :n_query]
+        rows = torch.gather(q, 2, order[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        scores = (rows.float() @ k.float().transpose(-1, -2)) * module.scaling
+        keys = torch.arange(s, device=hidden.device)
+        allowed = (keys[None, None, :] <= order[:, :, None]) & key_mask.bool()[:, None, :]
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1)
+        row_valid = torch.gather(query_mask, 1, order).float()  # [B, n_query]
+        mean = (probs.mean(1) * row_valid[..., None]).sum(1) / row_valid.sum(1, keepdim=True).clamp(min=1)
+        mean = mean * audio_mask
+        result["weights"] = mean / mean.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield result
+    finally:
+        handle.remove()
+
+
+def answer_positions(attention_mask: Tensor, answer_lengths: Tensor) -> Tensor:
+    """Mask [B, S] of the positions whose next token is an answer token (right padding)."""
+    seq_lengths = attention_mask.sum(-1)
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
+    return (pos >= (seq_lengths - 1 - answer_lengths)[:, None]) & (pos < (seq_lengths - 1)[:, None])
+
+
+@torch.no_grad()
+def score_labels(
+    model: Qwen2AudioForConditionalGeneration, prompt: PromptLayout, encoded: Tensor, lengths: Tensor
+) -> Tensor:
+    """log P(answer = label | audio, prompt) for every label, [B, n_labels].
+
+    Each answer's score is the summed log-probability of its label tokens and the end-of-turn
+    token (no length normalisation: with the end-of-turn token included, the scores are the
+    log-probabilities of complete answers). One shared prompt pass per clip (left-padded batch,
+    KV cache), then all candidates in one pass over the repeated cache."""
+    device = encoded.device
+    prompts = [prompt.prompt_ids(int(t)) for t in lengths]
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), prompt.pad_id, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, device=device)
+        mask[i, width - len(p) :] = 1
+    logits, _, cache = forward_from_encoder(model, encoded, lengths, ids, mask, use_cache=True)
+    first = logits[:, -1].float().log_softmax(-1)  # predicts each answer's first token
+
+    n = len(prompt.answers)
+    answer_width = max(map(len, prompt.answers))
+    cand = torch.full((n, answer_width), prompt.pad_id, device=device)
+    cand_mask = torch.zeros((n, answer_width), device=device)
+    for j, a in enumerate(prompt.answers):
+        cand[j, : len(a)] = torch.tensor(a, device=device)
+        cand_mask[j, : len(a)] = 1
+    b = len(prompts)
+    cache.batch_repeat_interleave(n)
+    cand_ids = cand.repeat(b, 1)
+    full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(cand_ids)], dim=1)
+    positions = mask.sum(-1).repeat_interleave(n)[:, None] + torch.arange(answer_width, device=device)[None]
+    out = model.model.language_model(
+        input_ids=cand_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
+    )
+    logp = model.lm_head(out.last_hidden_state).float().log_softmax(-1)  # [b*n, W, V]
+    # token t of the answer is predicted at step t-1 of the candidate pass (step -1 = the prompt pass)
+    first_lp = first.repeat_interleave(n, 0).gather(1, cand_ids[:, :1])[:, 0]
+    rest = logp[:, :-1].gather(2, cand_ids[:, 1:, None])[..., 0] * cand_mask.repeat(b, 1)[:, 1:]
+    return (first_lp + rest.sum(-1)).view(b, n)

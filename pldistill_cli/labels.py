@@ -1,0 +1,31 @@
+"""Label sets, label words and the prompt, per dataset: the one place they are defined (as in the paper)."""
+
+from __future__ import annotations
+
+from .errors import PldistillError
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+USER_PROMPT = (
+    "Please identify the emotion of this audio clip, then choose one word from [{labels}] as your answer."
+)
+
+_RAVDESS = ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm")
+
+# The label words, in the order the prompt lists them.
+LABEL_SETS: dict[str, tuple[str, ...]] = {
+    "synthetic": _RAVDESS,
+    "ravdess": _RAVDESS,
+    "savee": ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear"),
+    "iemocap": ("Happy", "Sad", "Angry", "Neutral"),
+}
+
+
+def label_set(dataset: str) -> tuple[str, ...]:
+    try:
+        return LABEL_SETS[dataset]
+    except KeyError:
+        raise PldistillError(f"no label set for dataset `{dataset}`; known: {', '.join(LABEL_SETS)}") from None
+
+
+def user_prompt(labels: tuple[str, ...]) -> str:
+    return USER_PROMPT.format(labels=", ".join(labels))

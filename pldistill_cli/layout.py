@@ -1,0 +1,45 @@
+"""Where every stage reads and writes: the pipeline's file layout, defined once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    data: Path = Path("data")
+    metrics_root: Path = Path("metrics")
+    report_root: Path = Path("report")
+
+    def raw(self, dataset: str) -> Path:
+        """Sources that the pipeline makes itself (the synthetic corpus)."""
+        return self.data / "raw" / dataset
+
+    def prepared(self, dataset: str) -> Path:
+        return self.data / "prepared" / dataset
+
+    def manifest(self, dataset: str) -> Path:
+        return self.prepared(dataset) / "manifest.parquet"
+
+    def run(self, dataset: str, fold: int) -> Path:
+        return self.data / "runs" / dataset / f"fold{fold}"
+
+    def teacher(self, dataset: str, fold: int) -> Path:
+        return self.run(dataset, fold) / "teacher"
+
+    def cache(self, dataset: str, fold: int) -> Path:
+        return self.run(dataset, fold) / "cache"
+
+    def student(self, dataset: str, fold: int) -> Path:
+        return self.run(dataset, fold) / "student"
+
+    def work(self, dataset: str, fold: int, stage: str) -> Path:
+        """Resumable state of an interrupted stage; DVC never deletes it (persistent output)."""
+        return self.data / "work" / dataset / f"fold{fold}" / stage
+
+    def metrics(self, dataset: str, fold: int, model: str) -> Path:
+        return self.metrics_root / dataset / f"fold{fold}" / f"{model}.json"
+
+    def predictions(self, dataset: str, fold: int, model: str) -> Path:
+        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-predictions.csv"

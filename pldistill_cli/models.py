@@ -1,0 +1,241 @@
+"""Teacher and student models: presets, the shared processor, student assembly, save and load.
+
+Both models are `Qwen2AudioForConditionalGeneration`. The student is assembled the way the paper
+does it: the teacher's audio encoder (config and weights, frozen), a new linear projector, and a
+smaller LLM; it always uses the teacher's processor (tokenizer, feature extractor, chat template).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    WhisperFeatureExtractor,
+)
+from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
+from transformers.utils import logging as hf_logging
+
+from .errors import PldistillError
+from .labels import LABEL_SETS, SYSTEM_PROMPT, user_prompt
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
+END_OF_TURN = "<|im_end|>"
+METADATA_FILE = "pldistill.json"
+
+# Qwen2-Audio's chat format, written for the tiny preset (real checkpoints bring their own template).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% set audio_count = namespace(n=0) %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'audio' %}{% set audio_count.n = audio_count.n + 1 %}"
+    "Audio {{ audio_count.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model family built from configs. `window_seconds` sets the encoder's input window
+    (the real encoder always sees 30 s; tiny presets shorten it to keep CPU runs fast)."""
+
+    name: str
+    window_seconds: int
+    encoder: dict[str, Any]
+    teacher_llm: dict[str, Any]
+    student_llm: dict[str, Any]
+    vocab_size: int = 400
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS = {
+    "tiny": Preset(
+        name="tiny",
+        window_seconds=4,
+        encoder=dict(d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=256, dropout=0.1),
+        teacher_llm=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2),
+        student_llm=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise PldistillError(f"params.yaml: unknown model.preset `{name}`; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on the prompts and label words, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    texts = [SYSTEM_PROMPT, "system user assistant Audio 1:"]
+    texts += [user_prompt(labels) for labels in LABEL_SETS.values()]
+    texts += [" ".join(labels) for labels in LABEL_SETS.values()]
+    tok.train_from_iterator(texts * 8, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=END_OF_TURN,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+
+
+def build_processor(preset: Preset) -> Qwen2AudioProcessor:
+    features = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=preset.window_seconds
+    )
+    return Qwen2AudioProcessor(feature_extractor=features, tokenizer=build_tokenizer(preset.vocab_size),
+                               chat_template=CHAT_TEMPLATE)
+
+
+def _llm_config(spec: dict[str, Any], vocab_size: int) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=False, **spec)
+
+
+def build_teacher(preset: Preset, seed: int) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+    """A randomly initialised teacher of the real architecture, from the preset's configs."""
+    processor = build_processor(preset)
+    tokenizer = processor.tokenizer
+    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=preset.window_seconds * 50, **preset.encoder)
+    config = Qwen2AudioConfig(
+        audio_config=encoder,
+        text_config=_llm_config(preset.teacher_llm, len(tokenizer)),
+        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    torch.manual_seed(seed)
+    return Qwen2AudioForConditionalGeneration(config), processor
+
+
+def build_student_llm(preset: Preset, vocab_size: int, seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(_llm_config(preset.student_llm, vocab_size))
+
+
+def load_encoder(teacher_dir: Path) -> tuple[Qwen2AudioEncoderConfig, dict[str, torch.Tensor], int]:
+    """The teacher's audio encoder (config, weights) and audio token id, read from its folder without
+    loading the teacher's LLM (checkpoints store the encoder under `audio_tower.`)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    if not (teacher_dir / "config.json").exists():
+        raise PldistillError(f"{teacher_dir}: no teacher here (config.json missing); run `pldistill train-teacher` first")
+    config = AutoConfig.from_pretrained(teacher_dir)
+    if config.model_type != "qwen2_audio":
+        raise PldistillError(f"{teacher_dir}: a `{config.model_type}` checkpoint, expected qwen2_audio (Qwen2-Audio)")
+    weights = {}
+    for file in sorted(teacher_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.startswith("audio_tower."):
+                    weights[key.removeprefix("audio_tower.")] = f.get_tensor(key)
+    if not weights:
+        raise PldistillError(f"{teacher_dir}: no audio_tower weights found in its safetensors files")
+    return config.audio_config, weights, config.audio_token_index
+
+
+def assemble_student(
+    encoder_config: Qwen2AudioEncoderConfig,
+    encoder_weights: dict[str, torch.Tensor],
+    audio_token_index: int,
+    llm: Qwen2ForCausalLM,
+    seed: int,
+) -> Qwen2AudioForConditionalGeneration:
+    """Student = the teacher's audio encoder (weights copied, frozen) + a new projector + `llm`."""
+    config = Qwen2AudioConfig(
+        audio_config=encoder_config.to_dict(), text_config=llm.config.to_dict(), audio_token_index=audio_token_index
+    )
+    torch.manual_seed(seed)
+    student = Qwen2AudioForConditionalGeneration(config)
+    student.model.audio_tower.load_state_dict(encoder_weights)
+    student.model.language_model.load_state_dict(llm.model.state_dict())
+    student.lm_head.load_state_dict(llm.lm_head.state_dict())
+    student.model.audio_tower.requires_grad_(False)
+    return student
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters counted once per storage (tied or shared weights are not counted twice)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.shape)
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """Hash of a model folder's weights (whole files up to 1 GiB; name, size, head and tail beyond)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            if size <= 1 << 30:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, metadata: dict[str, Any]) -> None:
+    """save_pretrained into a temporary folder, then swap it in: readers see the old model or the new."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    metadata = {**metadata, "weights": weights_fingerprint(tmp)}
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / METADATA_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+    """Load a saved model and its processor; a missing folder or another architecture is a one-line error."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if not (folder / "config.json").exists():
+        raise PldistillError(f"{folder}: no model here (config.json missing); run the stage that makes it first")
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "qwen2_audio":
+        raise PldistillError(f"{folder}: a `{config.model_type}` checkpoint, expected qwen2_audio (Qwen2-Audio)")
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder).to(device)
+    model.eval()
+    return model, AutoProcessor.from_pretrained(folder)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny teacher and a few real synthetic clips, made once per test session."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from pldistill_cli.config import Params, SyntheticParams, TrainTeacherParams, DistillParams, CacheParams
+from pldistill_cli.layout import Layout
+
+torch.set_num_threads(1)
+
+
+def small_params(**overrides) -> Params:
+    """A 48-clip synthetic corpus (6 speakers, 3 folds, 1 sentence) and one-epoch training."""
+    params = Params(
+        synthetic=SyntheticParams(n_speakers=6, n_sentences=1, n_folds=3),
+        train_teacher=TrainTeacherParams(epochs=1, batch_size=8),
+        cache=CacheParams(batch_size=8, top_k=4),
+        distill=DistillParams(epochs=1, batch_size=8),
+    )
+    return dataclasses.replace(params, **overrides)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> tuple[Params, Layout]:
+    """The small synthetic corpus, preprocessed once (espeak-ng, offline)."""
+    from pldistill_cli.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("pipeline")
+    layout = Layout(data=root / "data", metrics_root=root / "metrics", report_root=root / "report")
+    params = small_params()
+    preprocess("synthetic", params, layout)
+    return params, layout
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher():
+    from pldistill_cli.models import build_teacher, get_preset
+
+    model, processor = build_teacher(get_preset("tiny"), seed=0)
+    return model.eval(), processor

@@ -1,0 +1,32 @@
+import numpy as np
+from sklearn.metrics import classification_report
+
+from pldistill_cli.evaluation import classification_metrics, confusion
+
+LABELS = ("Happy", "Sad", "Angry", "Neutral")
+
+
+def test_metrics_match_independent_computations():
+    rng = np.random.default_rng(0)
+    y_true = list(rng.choice(LABELS, 200, p=[0.4, 0.3, 0.2, 0.1]))
+    y_pred = [t if rng.random() < 0.6 else rng.choice(LABELS) for t in y_true]
+    m = classification_metrics(y_true, y_pred, LABELS)
+    cm = confusion(y_true, y_pred, LABELS)
+    recalls = cm.diagonal() / cm.sum(1)
+    precisions = cm.diagonal() / np.maximum(cm.sum(0), 1)
+    f1 = 2 * precisions * recalls / np.maximum(precisions + recalls, 1e-12)
+    assert m["wa"] == np.trace(cm) / cm.sum()
+    assert np.isclose(m["ua"], recalls.mean())
+    assert np.isclose(m["macro_f1"], f1.mean())
+    report = classification_report(y_true, y_pred, labels=list(LABELS), output_dict=True, zero_division=0)
+    assert np.isclose(m["macro_f1"], report["macro avg"]["f1-score"])
+    assert np.isclose(m["ua"], report["macro avg"]["recall"])
+    assert m["n"] == 200
+
+
+def test_ua_ignores_classes_absent_from_the_test_split():
+    y_true = ["Happy", "Happy", "Sad", "Sad"]
+    y_pred = ["Happy", "Sad", "Sad", "Sad"]
+    m = classification_metrics(y_true, y_pred, LABELS)
+    assert np.isclose(m["ua"], (0.5 + 1.0) / 2)
+    assert m["wa"] == 0.75
