@@ -1,0 +1,132 @@
+"""The tiny presets are the real architecture: save/load, student assembly, and the shared forward paths."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from pldistill_cli.errors import PldistillError
+from pldistill_cli.forward import (PromptLayout, audio_features, capture_audio_attention, encode_audio,
+                                   forward_from_encoder, score_labels, step_mask)
+from pldistill_cli.labels import label_set
+from pldistill_cli.models import (assemble_student, build_student_llm, count_parameters, get_preset, load_encoder,
+                                  load_model, save_model)
+
+LABELS = label_set("synthetic")
+
+
+def _waves(seconds=(1.0, 2.5, 1.7)):
+    rng = np.random.default_rng(0)
+    return [(0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in seconds]
+
+
+def _right_padded(prompt, lengths, extra=()):
+    seqs = [prompt.prompt_ids(int(t)) + list(extra) for t in lengths]
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), prompt.pad_id)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return ids, mask
+
+
+def test_forward_from_encoder_equals_the_models_own_forward(tiny_teacher):
+    model, processor = tiny_teacher
+    prompt = PromptLayout.from_processor(processor, LABELS)
+    waves = _waves()
+    inputs = processor(text=[prompt.text] * 3, audio=waves, sampling_rate=16000, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        features, mask = audio_features(processor, waves)
+        encoded, lengths = encode_audio(model, features, mask)
+        ids, attn = _right_padded(prompt, lengths)
+        logits, _, _ = forward_from_encoder(model, encoded, lengths, ids, attn)
+    for i in range(3):
+        assert inputs["input_ids"][i][inputs["attention_mask"][i].bool()].tolist() == ids[i][attn[i].bool()].tolist()
+        torch.testing.assert_close(logits[i][attn[i].bool()], reference[i][inputs["attention_mask"][i].bool()])
+
+
+def test_label_scores_equal_brute_force_answer_likelihoods(tiny_teacher):
+    model, processor = tiny_teacher
+    prompt = PromptLayout.from_processor(processor, LABELS)
+    with torch.no_grad():
+        encoded, lengths = encode_audio(model, *audio_features(processor, _waves()))
+        scores = score_labels(model, prompt, encoded, lengths)
+        for i in range(len(lengths)):
+            for j, answer in enumerate(prompt.answers):
+                ids, attn = _right_padded(prompt, lengths[i : i + 1], answer)
+                logits, _, _ = forward_from_encoder(model, encoded[i : i + 1], lengths[i : i + 1], ids, attn)
+                logp = logits[0].log_softmax(-1)
+                start = len(ids[0]) - len(answer)
+                expected = sum(logp[start - 1 + n, tok] for n, tok in enumerate(answer))
+                assert torch.isclose(scores[i, j], expected, atol=1e-4)
+    assert any(len(a) > 2 for a in prompt.answers), "multi-token label words are exercised"
+
+
+def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher):
+    model, processor = tiny_teacher
+    prompt = PromptLayout.from_processor(processor, LABELS)
+    with torch.no_grad():
+        encoded, lengths = encode_audio(model, *audio_features(processor, _waves()))
+        ids, attn = _right_padded(prompt, lengths, prompt.answers[0])
+        pos = torch.arange(ids.shape[1])[None]
+        audio = ids == prompt.audio_token_id
+        prompt_len = torch.tensor([len(prompt.prompt_ids(int(t))) for t in lengths])
+        queries = (pos >= len(prompt.prefix) + lengths[:, None]) & (pos < prompt_len[:, None])
+        with capture_audio_attention(model, 0, queries, audio, attn) as captured:
+            forward_from_encoder(model, encoded, lengths, ids, attn)
+        model.set_attn_implementation("eager")
+        try:
+            projected = model.model.multi_modal_projector(encoded)[step_mask(lengths, encoded.shape[1])]
+            embeds = model.model.get_input_embeddings()(ids).masked_scatter(audio[..., None], projected)
+            out = model.model.language_model(inputs_embeds=embeds, attention_mask=attn,
+                                             position_ids=(attn.cumsum(-1) - 1).clamp(min=0), output_attentions=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+    weights = captured["weights"]
+    for i in range(3):
+        expected = out.attentions[0][i][:, queries[i]].mean(0).mean(0) * audio[i]
+        torch.testing.assert_close(weights[i], expected / expected.sum(), atol=1e-6, rtol=1e-5)
+        assert torch.isclose(weights[i][audio[i]].sum(), torch.tensor(1.0))
+
+
+def test_student_assembly_from_a_saved_teacher(tiny_teacher, tmp_path):
+    teacher, processor = tiny_teacher
+    save_model(teacher, processor, tmp_path / "teacher", {"stage": "test"})
+    config, weights, audio_token = load_encoder(tmp_path / "teacher")
+    preset = get_preset("tiny")
+    student = assemble_student(config, weights, audio_token, build_student_llm(preset, len(processor.tokenizer), 1), 1)
+    for name, value in teacher.model.audio_tower.state_dict().items():
+        torch.testing.assert_close(student.model.audio_tower.state_dict()[name], value)
+    assert not any(p.requires_grad for p in student.model.audio_tower.parameters())
+    assert student.model.multi_modal_projector.linear.weight.requires_grad
+    assert student.config.text_config.hidden_size < teacher.config.text_config.hidden_size
+    assert student.model.multi_modal_projector.linear.out_features == preset.student_llm["hidden_size"]
+    assert count_parameters(student) < count_parameters(teacher)
+
+    save_model(student, processor, tmp_path / "student", {"stage": "test"})
+    reloaded, reloaded_processor = load_model(tmp_path / "student")
+    assert isinstance(reloaded, Qwen2AudioForConditionalGeneration)
+    assert reloaded_processor.chat_template == processor.chat_template
+    prompt = PromptLayout.from_processor(reloaded_processor, LABELS)
+    assert prompt == PromptLayout.from_processor(processor, LABELS)
+    with torch.no_grad():
+        a = score_labels(student.eval(), prompt, *encode_audio(student, *audio_features(processor, _waves())))
+        b = score_labels(reloaded, prompt, *encode_audio(reloaded, *audio_features(reloaded_processor, _waves())))
+    torch.testing.assert_close(a, b)
+    assert AutoProcessor.from_pretrained(tmp_path / "student").feature_extractor.chunk_length == 4
+
+
+def test_count_parameters_counts_shared_storage_once():
+    layer = torch.nn.Linear(4, 4, bias=False)
+    model = torch.nn.Sequential(layer, torch.nn.Linear(4, 4, bias=False))
+    model[1].weight = layer.weight
+    assert count_parameters(model) == 16
+
+
+def test_loading_something_else_is_a_clear_error(tmp_path):
+    with pytest.raises(PldistillError, match="config.json missing"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(PldistillError, match="expected qwen2_audio"):
+        load_model(tmp_path)
