@@ -17,8 +17,9 @@ class BadAudio(ValueError):
     """One unusable audio file; the caller reports and skips it."""
 
 
-def read_audio(path: Path, sample_rate: int = 16000) -> np.ndarray:
-    """Mono float32 waveform at `sample_rate`; raises BadAudio for corrupt, empty, silent or non-finite audio."""
+def read_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
+    """Mono float32 waveform at `sample_rate` (channels averaged); raises BadAudio for corrupt,
+    empty, silent or non-finite audio."""
     try:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:
@@ -35,13 +36,29 @@ def read_audio(path: Path, sample_rate: int = 16000) -> np.ndarray:
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
+def trim_silence(wave: np.ndarray, sample_rate: int, top_db: float, frame_s: float = 0.025) -> np.ndarray:
+    """Cut leading and trailing frames whose RMS is more than `top_db` below the loudest frame."""
+    frame = max(1, int(frame_s * sample_rate))
+    n = len(wave) // frame
+    if n < 2:
+        return wave
+    rms = np.sqrt(np.mean(wave[: n * frame].reshape(n, frame) ** 2, axis=1) + 1e-20)
+    level = 20 * np.log10(rms / rms.max())
+    loud = np.flatnonzero(level > -top_db)
+    return wave[loud[0] * frame : (loud[-1] + 1) * frame]
+
+
+def normalize_loudness(wave: np.ndarray, target_dbfs: float, peak_dbfs: float = -1.0) -> np.ndarray:
+    """Scale to an RMS level of `target_dbfs`, then lower it if the peak would exceed `peak_dbfs`."""
+    rms = float(np.sqrt(np.mean(wave.astype(np.float64) ** 2)))
+    gain = 10 ** (target_dbfs / 20) / max(rms, 1e-12)
+    gain = min(gain, 10 ** (peak_dbfs / 20) / max(float(np.abs(wave).max()), 1e-12))
+    return (wave * gain).astype(np.float32)
+
+
 def write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     """PCM16 wav, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
     os.replace(tmp, path)
-
-
-def audio_duration(path: Path) -> float:
-    return sf.info(str(path)).duration

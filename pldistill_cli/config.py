@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,9 +24,27 @@ class SyntheticParams:
 
 
 @dataclass(frozen=True)
+class CorpusParams:
+    """Where a real corpus lives and how to read it; `params.yaml: corpora: NAME: {...}`."""
+
+    adapter: str = ""  # synthetic | ravdess | savee | iemocap | emobox | folder ("" = the corpus name)
+    root: Optional[str] = None  # the corpus as distributed (audio root); `--root` overrides it
+    metadata: Optional[str] = None  # emobox: folder with fold_K/*.jsonl and label_map.json
+    speaker_pattern: Optional[str] = None  # emobox / folder: regex whose first group is the speaker
+    csv: Optional[str] = None  # folder: CSV with columns path, label and optional speaker, fold
+    n_folds: int = 5  # folder / emobox without folds: number of folds to make
+
+
+@dataclass(frozen=True)
 class PreprocessParams:
     sample_rate: int = 16000
     workers: int = 2
+    max_seconds: float = 30.0  # the encoder window; longer clips follow `long_clips`
+    long_clips: Literal["truncate", "skip"] = "truncate"
+    trim_silence: bool = False
+    trim_db: float = 40.0  # frames this far below the clip's peak frame count as silence
+    normalize_loudness: bool = False
+    target_dbfs: float = -23.0  # RMS level after normalisation (peaks limited to -1 dBFS)
 
 
 @dataclass(frozen=True)
@@ -36,9 +54,9 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class TrainTeacherParams:
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     device: Device = "auto"
@@ -76,10 +94,11 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 42
-    cpu_threads: int = 1
+    cpu_threads: int = 2
     datasets: tuple[str, ...] = ("synthetic",)
     folds: tuple[int, ...] = (1,)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    corpora: dict[str, CorpusParams] = field(default_factory=dict)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     model: ModelParams = field(default_factory=ModelParams)
     train_teacher: TrainTeacherParams = field(default_factory=TrainTeacherParams)
@@ -102,6 +121,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise PldistillError(f"params.yaml: `{where}` must be a mapping, got {value!r}")
         return _build(typ, value, where)
     origin = get_origin(typ)
+    if origin is Union:  # Optional[X]
+        inner = [a for a in get_args(typ) if a is not type(None)][0]
+        return None if value is None else _coerce(value, inner, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PldistillError(f"params.yaml: `{where}` must be a mapping, got {value!r}")
+        return {str(k): _coerce(v or {}, get_args(typ)[1], f"{where}.{k}") for k, v in value.items()}
     if origin is Literal:
         if value not in get_args(typ):
             raise PldistillError(f"params.yaml: `{where}` must be one of {list(get_args(typ))}, got {value!r}")

@@ -15,7 +15,7 @@ from .config import Params, fingerprint
 from .errors import PldistillError
 from .evaluation import classification_metrics
 from .forward import PromptLayout, forward_from_encoder, score_labels, step_mask
-from .labels import label_set
+from .manifest import manifest_labels
 from .layout import Layout
 from .losses import answer_cross_entropy, aw_cka, bucketed_kl
 from .models import (assemble_student, build_student_llm, count_parameters, get_preset, load_encoder, read_metadata,
@@ -102,7 +102,7 @@ def _to(batch: dict, device) -> dict:
 
 def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
     p = params.distill
-    labels = label_set(dataset)
+    labels = manifest_labels(layout.manifest(dataset))
     teacher_dir = layout.teacher(dataset, fold)
     encoder_config, encoder_weights, audio_token = load_encoder(teacher_dir)
     from transformers import AutoProcessor

@@ -17,9 +17,8 @@ from .config import Params
 from .data import AudioClips, AudioCollate, length_sorted_batches
 from .errors import PldistillError
 from .forward import PromptLayout, encode_audio, score_labels
-from .labels import label_set
 from .layout import Layout
-from .manifest import read_manifest, select_split
+from .manifest import manifest_labels, read_manifest, select_split
 from .models import count_parameters, load_model, read_metadata
 from .training import autocast, resolve_device
 from .ui import progress
@@ -80,8 +79,8 @@ def _write_predictions(path: Path, rows: pd.DataFrame, y_pred: Sequence[str], sc
 def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: Layout = Layout()) -> dict:
     """Score the teacher or the student on the fold's test split; writes metrics and predictions."""
     folder = {"teacher": layout.teacher, "student": layout.student}[which](dataset, fold)
-    labels = label_set(dataset)
-    test = select_split(read_manifest(layout.manifest(dataset), labels), fold, "test")
+    labels = manifest_labels(layout.manifest(dataset))
+    test = select_split(read_manifest(layout.manifest(dataset)), fold, "test")
     device = resolve_device(params.evaluate.device)
     model, processor = load_model(folder, device)
     prompt = PromptLayout.from_processor(processor, labels)
@@ -108,8 +107,8 @@ def evaluate_references(dataset: str, fold: int, params: Params, layout: Layout 
     """The shortcut references: clip duration alone, and prosody features, fitted on train, scored on test."""
     from .references import features_for_files, fit_and_score_references
 
-    labels = label_set(dataset)
-    manifest = read_manifest(layout.manifest(dataset), labels)
+    labels = manifest_labels(layout.manifest(dataset))
+    manifest = read_manifest(layout.manifest(dataset))
     train, test = select_split(manifest, fold, "train"), select_split(manifest, fold, "test")
     workers = params.preprocess.workers
     train_x = features_for_files(train["audio_path"].tolist(), workers)

@@ -20,6 +20,15 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Raw emotion codes of the built-in corpora -> label words.
+RAVDESS_CODES = {"01": "Neutral", "02": "Calm", "03": "Happy", "04": "Sad", "05": "Angry", "06": "Fear",
+                 "07": "Disgust", "08": "Surprise"}
+SAVEE_CODES = {"a": "Angry", "d": "Disgust", "f": "Fear", "h": "Happy", "n": "Neutral", "sa": "Sad", "su": "Surprise"}
+# IEMOCAP as EmoBox and the paper use it: exc is merged into Happy; the other release labels are left out.
+IEMOCAP_CODES = {"neu": "Neutral", "hap": "Happy", "exc": "Happy", "ang": "Angry", "sad": "Sad"}
+IEMOCAP_LEFT_OUT = ("xxx", "fru", "sur", "fea", "dis", "oth")
+
+
 def label_set(dataset: str) -> tuple[str, ...]:
     try:
         return LABEL_SETS[dataset]

@@ -9,6 +9,7 @@ from the training side and never from the test fold.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,8 +30,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("duration", pa.float32(), nullable=False),
         pa.field("audio_path", pa.string(), nullable=False),  # relative to the manifest's folder
         pa.field("source_path", pa.string(), nullable=False),
+        # False where validation rows were carved without speaker information (see the emobox adapter)
+        pa.field("speaker_independent", pa.bool_(), nullable=False),
     ]
 )
+LABELS_KEY = b"pldistill.labels"  # the dataset's label words, in prompt order, in the Parquet metadata
 SPLITS = ("train", "validation", "test")
 
 
@@ -51,26 +55,38 @@ def validate_manifest(df: pd.DataFrame, where: str, labels: tuple[str, ...] | No
         raise PldistillError(f"{where}: every duration must be positive")
 
 
-def write_manifest(df: pd.DataFrame, path: Path) -> None:
+def write_manifest(df: pd.DataFrame, path: Path, labels: tuple[str, ...]) -> None:
     """Validate, then write atomically (a killed run leaves the old manifest or none)."""
-    validate_manifest(df, str(path))
-    table = pa.Table.from_pandas(df[[f.name for f in MANIFEST_SCHEMA]], schema=MANIFEST_SCHEMA, preserve_index=False)
+    validate_manifest(df, str(path), labels)
+    schema = MANIFEST_SCHEMA.with_metadata({LABELS_KEY: json.dumps(list(labels)).encode()})
+    table = pa.Table.from_pandas(df[[f.name for f in MANIFEST_SCHEMA]], schema=schema, preserve_index=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def read_manifest(path: Path, labels: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """Read and validate; `audio_path` comes back absolute."""
+def _read(path: Path, schema_only: bool = False) -> pa.Table | pa.Schema:
     if not path.exists():
         raise PldistillError(f"{path}: manifest not found; run `pldistill preprocess` for this dataset first")
     try:
-        table = pq.read_table(path)
+        return pq.read_schema(path) if schema_only else pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise PldistillError(f"{path}: unreadable manifest ({exc}); re-run `pldistill preprocess`") from None
-    df = table.to_pandas()
-    validate_manifest(df, str(path), labels)
+
+
+def manifest_labels(path: Path) -> tuple[str, ...]:
+    """The dataset's label words in prompt order, as recorded by preprocess."""
+    metadata = _read(path, schema_only=True).metadata or {}
+    if LABELS_KEY not in metadata:
+        raise PldistillError(f"{path}: manifest records no label set; re-run `pldistill preprocess`")
+    return tuple(json.loads(metadata[LABELS_KEY]))
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read and validate against the label set it records; `audio_path` comes back absolute."""
+    df = _read(path).to_pandas()
+    validate_manifest(df, str(path), manifest_labels(path))
     df["audio_path"] = [str(path.parent / p) for p in df["audio_path"]]
     return df
 

@@ -17,7 +17,7 @@ import pandas as pd
 from .config import Params
 from .errors import PldistillError
 from .evaluation import confusion
-from .labels import label_set
+from .manifest import manifest_labels
 from .layout import Layout
 
 
@@ -28,7 +28,7 @@ def _load(path: Path) -> dict:
 
 
 def _confusion_figure(dataset: str, fold: int, layout: Layout, models: list[str], out: Path) -> None:
-    labels = label_set(dataset)
+    labels = manifest_labels(layout.manifest(dataset))
     fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         pred = pd.read_csv(layout.predictions(dataset, fold, model))
@@ -61,7 +61,7 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
              "words (summed log-probability of the label tokens and the end-of-turn token after one shared prompt).",
              ""]
     for dataset in params.datasets:
-        chance = 1 / len(label_set(dataset))
+        chance = 1 / len(manifest_labels(layout.manifest(dataset)))
         for fold in params.folds:
             teacher = _load(layout.metrics(dataset, fold, "teacher"))
             student = _load(layout.metrics(dataset, fold, "student"))

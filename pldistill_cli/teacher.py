@@ -9,18 +9,17 @@ from .config import Params, fingerprint
 from .data import AudioClips, AudioCollate, text_batch
 from .evaluation import classification_metrics, predict_audio
 from .forward import PromptLayout, encode_audio, forward_from_encoder
-from .labels import label_set
 from .layout import Layout
 from .losses import answer_cross_entropy
-from .manifest import read_manifest, select_split
+from .manifest import manifest_labels, read_manifest, select_split
 from .models import build_teacher, count_parameters, get_preset, save_model
 from .training import LoopSettings, autocast, finish_work, resolve_device, seed_everything, train_with_validation
 from .ui import console
 
 
 def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
-    labels = label_set(dataset)
-    manifest = read_manifest(layout.manifest(dataset), labels)
+    labels = manifest_labels(layout.manifest(dataset))
+    manifest = read_manifest(layout.manifest(dataset))
     train = select_split(manifest, fold, "train")
     validation = select_split(manifest, fold, "validation")
     p = params.train_teacher

@@ -32,10 +32,9 @@ from .config import Params, fingerprint
 from .data import AudioClips, AudioCollate, length_sorted_batches, text_batch
 from .errors import PldistillError
 from .forward import PromptLayout, capture_audio_attention, encode_audio, forward_from_encoder
-from .labels import label_set
 from .layout import Layout
 from .losses import topk_logprobs
-from .manifest import read_manifest, split_of
+from .manifest import manifest_labels, read_manifest, split_of
 from .models import load_model, read_metadata
 from .training import autocast, resolve_device
 from .ui import console, progress
@@ -78,12 +77,12 @@ def _write_part(path: Path, rows: list[dict]) -> None:
 @torch.no_grad()
 def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> Path:
     p = params.cache
-    labels = label_set(dataset)
+    labels = manifest_labels(layout.manifest(dataset))
     teacher_dir = layout.teacher(dataset, fold)
     device = resolve_device(p.device)
     model, processor = load_model(teacher_dir, device)
     prompt = PromptLayout.from_processor(processor, labels)
-    manifest = read_manifest(layout.manifest(dataset), labels)
+    manifest = read_manifest(layout.manifest(dataset))
     manifest["split"] = split_of(manifest, fold)
     rows = manifest[manifest["split"] != "test"].reset_index(drop=True)
     identity = cache_identity(teacher_dir, prompt, params)

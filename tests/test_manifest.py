@@ -3,12 +3,15 @@ import pytest
 
 from pldistill_cli.errors import PldistillError
 from pldistill_cli.labels import label_set
-from pldistill_cli.manifest import MANIFEST_SCHEMA, read_manifest, select_split, split_of, write_manifest
+from pldistill_cli.manifest import (MANIFEST_SCHEMA, manifest_labels, read_manifest, select_split, split_of,
+                                    write_manifest)
 
 
 def test_prepared_manifest_matches_the_schema_and_files(prepared):
     params, layout = prepared
-    df = read_manifest(layout.manifest("synthetic"), label_set("synthetic"))
+    df = read_manifest(layout.manifest("synthetic"))
+    assert manifest_labels(layout.manifest("synthetic")) == label_set("synthetic")
+    assert df["speaker_independent"].all()
     assert list(df.columns) == [f.name for f in MANIFEST_SCHEMA]
     assert len(df) == 6 * 8 * 1  # speakers x emotions x sentences
     assert (df["dataset"] == "synthetic").all()
@@ -35,7 +38,7 @@ def test_every_utterance_in_exactly_one_split_and_speakers_never_cross(prepared)
 
 def _rows(**changes):
     row = dict(id="a", dataset="synthetic", speaker="s1", label="Happy", fold=1, validation_fold=2, duration=1.0,
-               audio_path="audio/a.wav", source_path="/x/a.wav")
+               audio_path="audio/a.wav", source_path="/x/a.wav", speaker_independent=True)
     row.update(changes)
     return pd.DataFrame([row])
 
@@ -51,14 +54,16 @@ def _rows(**changes):
 )
 def test_manifest_contract_is_enforced(tmp_path, frame, message):
     with pytest.raises(PldistillError, match=message):
-        write_manifest(frame, tmp_path / "manifest.parquet")
+        write_manifest(frame, tmp_path / "manifest.parquet", label_set("synthetic"))
 
 
-def test_labels_outside_the_set_are_refused_on_read(tmp_path):
-    path = tmp_path / "manifest.parquet"
-    write_manifest(_rows(label="Bored"), path)
+def test_labels_outside_the_recorded_set_are_refused(tmp_path):
     with pytest.raises(PldistillError, match="outside"):
-        read_manifest(path, label_set("synthetic"))
+        write_manifest(_rows(label="Bored"), tmp_path / "manifest.parquet", label_set("synthetic"))
+    path = tmp_path / "manifest.parquet"
+    write_manifest(_rows(), path, ("Happy", "Sad"))
+    assert manifest_labels(path) == ("Happy", "Sad")
+    assert len(read_manifest(path)) == 1
 
 
 def test_unknown_fold(tmp_path):

@@ -1,12 +1,16 @@
-"""Dataset registry: each adapter turns a corpus, as distributed, into source items with folds."""
+"""Dataset registry: each adapter turns a corpus, as distributed, into source items with folds.
+
+A dataset name is a key of `params.yaml: corpora` (its `adapter` says which format it is in) or,
+for the built-in corpora, the adapter's own name (`synthetic`, `ravdess`, `savee`, `iemocap`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..config import Params
+from ..config import CorpusParams, Params
 from ..errors import PldistillError
 from ..layout import Layout
 
@@ -18,15 +22,24 @@ class SourceItem:
     label: str  # a label word of the dataset's label set
     source_path: Path
     fold: int  # the fold whose test split holds this utterance
-    validation_fold: int  # the fold whose validation split holds it
+    validation_fold: int  # the fold whose validation split holds it (never `fold`)
+    speaker_independent: bool = True  # False where validation was carved without speaker information
+
+
+@dataclass
+class Collected:
+    items: list[SourceItem]
+    labels: tuple[str, ...]  # label words, in the order the prompt lists them
+    excluded: dict[str, int] = field(default_factory=dict)  # files left out by design: reason -> count
 
 
 class Adapter(Protocol):
     name: str
 
-    def collect(
-        self, params: Params, layout: Layout, root: Path | None, advance: Callable[[], None]
-    ) -> list[SourceItem]: ...
+    def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
+                advance: Callable[[], None]) -> Collected:
+        """Find the corpus's utterances (corpus.root is set, or None where the adapter makes its own)."""
+        ...
 
 
 def previous_fold(fold: int, n_folds: int) -> int:
@@ -38,11 +51,28 @@ def previous_fold(fold: int, n_folds: int) -> int:
 def adapters() -> dict[str, Adapter]:
     from .synthetic_adapter import SyntheticAdapter
 
-    return {a.name: a for a in (SyntheticAdapter(),)}
+    found: list[Adapter] = [SyntheticAdapter()]
+    try:
+        from .corpora import ADAPTERS
+    except ImportError:
+        ADAPTERS = ()
+    found += [cls() for cls in ADAPTERS]
+    return {a.name: a for a in found}
 
 
-def get_adapter(name: str) -> Adapter:
+def resolve(dataset: str, params: Params, root: Path | None = None) -> tuple[Adapter, CorpusParams]:
+    """The adapter and corpus settings for a dataset name; `root` overrides the configured root."""
+    import dataclasses
+
     known = adapters()
+    corpus = params.corpora.get(dataset, CorpusParams())
+    name = corpus.adapter or dataset
     if name not in known:
-        raise PldistillError(f"unknown dataset `{name}`; known: {', '.join(known)}")
-    return known[name]
+        choices = sorted(set(known) | set(params.corpora))
+        raise PldistillError(f"unknown dataset `{dataset}`; known: {', '.join(choices)} "
+                             "(or add it under `corpora` in params.yaml)")
+    if root is not None:
+        corpus = dataclasses.replace(corpus, root=str(root))
+    if corpus.root is not None and not Path(corpus.root).exists():
+        raise PldistillError(f"{corpus.root}: dataset root not found; pass the folder that holds the corpus")
+    return known[name], corpus

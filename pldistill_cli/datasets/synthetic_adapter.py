@@ -5,30 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..config import Params
+from ..config import CorpusParams, Params
 from ..errors import PldistillError
+from ..labels import label_set
 from ..layout import Layout
-from . import SourceItem, previous_fold
+from . import Collected, SourceItem, previous_fold
 from .synthetic import SyntheticSettings, generate_corpus
 
 
 class SyntheticAdapter:
     name = "synthetic"
 
-    def collect(self, params: Params, layout: Layout, root: Path | None, advance: Callable[[], None]) -> list[SourceItem]:
+    def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
+                advance: Callable[[], None]) -> Collected:
         p = params.synthetic
         if p.n_folds < 3 or p.n_speakers % p.n_folds:
             raise PldistillError(
                 f"params.yaml: synthetic.n_folds ({p.n_folds}) must be at least 3 (test, validation and train "
                 f"speakers) and divide n_speakers ({p.n_speakers})"
             )
-        out_dir = root or layout.raw(self.name)
+        out_dir = Path(corpus.root) if corpus.root else layout.raw(dataset)
         settings = SyntheticSettings(seed=params.seed, n_speakers=p.n_speakers, n_sentences=p.n_sentences)
         plan = generate_corpus(out_dir, settings, on_progress=advance)
         speakers = sorted({u.speaker for u in plan})
         per_fold = len(speakers) // p.n_folds
         fold_of = {s: i // per_fold + 1 for i, s in enumerate(speakers)}
-        return [
+        items = [
             SourceItem(
                 utt_id=u.utt_id,
                 speaker=u.speaker,
@@ -39,3 +41,4 @@ class SyntheticAdapter:
             )
             for u in plan
         ]
+        return Collected(items, label_set("synthetic"))
