@@ -20,6 +20,8 @@ class BadAudio(ValueError):
 def read_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
     """Mono float32 waveform at `sample_rate` (channels averaged); raises BadAudio for corrupt,
     empty, silent or non-finite audio."""
+    if not Path(path).is_file():
+        raise BadAudio("file not found")
     try:
         wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as exc:

@@ -83,12 +83,17 @@ class DistillParams:
     max_grad_norm: float = 1.0
     device: Device = "auto"
     train_llm: Literal["full", "frozen"] = "full"
+    method: str = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
+    loader_workers: int = 0  # DataLoader worker processes reading the cache
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 16
     device: Device = "auto"
+    scoring: Literal["rank", "generate"] = "rank"
+    max_new_tokens: int = 8  # generate: answer length limit
+    attention_examples: int = 4  # test clips whose teacher attention the report shows
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,8 @@ class Params:
     cpu_threads: int = 2
     datasets: tuple[str, ...] = ("synthetic",)
     folds: tuple[int, ...] = (1,)
+    methods: tuple[str, ...] = ("pl-distill",)
+    seeds: tuple[int, ...] = (42,)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     corpora: dict[str, CorpusParams] = field(default_factory=dict)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)

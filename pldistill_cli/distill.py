@@ -8,6 +8,8 @@ encoder output and training never runs the encoder.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -16,7 +18,7 @@ from .errors import PldistillError
 from .evaluation import classification_metrics
 from .forward import PromptLayout, forward_from_encoder, score_labels, step_mask
 from .manifest import manifest_labels
-from .layout import Layout
+from .layout import Layout, student_name
 from .losses import answer_cross_entropy, aw_cka, bucketed_kl
 from .models import (assemble_student, build_student_llm, count_parameters, get_preset, load_encoder, read_metadata,
                      save_model)
@@ -26,57 +28,100 @@ from .ui import console, progress
 
 
 class TargetCollate:
-    """Pads cached rows into a batch (right padding)."""
+    """Pads cached rows into a batch (right padding); attention and top-k only where the rows carry them."""
 
     def __init__(self, prompt: PromptLayout):
         self.prompt = prompt
 
     def __call__(self, items: list[dict]) -> dict:
         b = len(items)
-        t_max = max(len(i["attention"]) for i in items)
-        s_max = max(len(i["input_ids"]) for i in items)
-        d, k = items[0]["encoded"].shape[1], items[0]["topk_ids"].shape[1]
+        lengths = [len(i["encoded"]) for i in items]
+        t_max, s_max = max(lengths), max(len(i["input_ids"]) for i in items)
         out = {
             "index": torch.tensor([i["index"] for i in items]),
             "labels": [i["label"] for i in items],
-            "encoded": torch.zeros(b, t_max, d),
-            "lengths": torch.tensor([len(i["attention"]) for i in items]),
-            "attention": torch.zeros(b, t_max),
+            "encoded": torch.zeros(b, t_max, items[0]["encoded"].shape[1]),
+            "lengths": torch.tensor(lengths),
             "input_ids": torch.full((b, s_max), self.prompt.pad_id, dtype=torch.long),
             "attention_mask": torch.zeros(b, s_max, dtype=torch.long),
             "answer_mask": torch.zeros(b, s_max, dtype=torch.bool),
-            "topk_ids": torch.zeros(b, s_max - 1, k, dtype=torch.long),
-            "topk_logprobs": torch.zeros(b, s_max - 1, k),
             "kl_mask": torch.zeros(b, s_max - 1, dtype=torch.bool),
         }
+        if "attention" in items[0]:
+            out["attention"] = torch.zeros(b, t_max)
+        if "topk_ids" in items[0]:
+            k = items[0]["topk_ids"].shape[1]
+            out["topk_ids"] = torch.zeros(b, s_max - 1, k, dtype=torch.long)
+            out["topk_logprobs"] = torch.zeros(b, s_max - 1, k)
         for j, item in enumerate(items):
-            t, s = len(item["attention"]), len(item["input_ids"])
+            t, s = lengths[j], len(item["input_ids"])
             a = len(self.prompt.answer_ids(item["label"]))
             out["encoded"][j, :t] = item["encoded"]
-            out["attention"][j, :t] = item["attention"]
             out["input_ids"][j, :s] = item["input_ids"]
             out["attention_mask"][j, :s] = 1
             out["answer_mask"][j, s - 1 - a : s - 1] = True
-            out["topk_ids"][j, : s - 1] = item["topk_ids"]
-            out["topk_logprobs"][j, : s - 1] = item["topk_logprobs"]
             out["kl_mask"][j, : s - 1] = True
+            for key, width in (("attention", t), ("topk_ids", s - 1), ("topk_logprobs", s - 1)):
+                if key in out:
+                    out[key][j, :width] = item[key]
         return out
 
 
-def distillation_terms(student, batch: dict, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor,
-                       lambda_p: float, lambda_l: float, temperature: float) -> dict[str, torch.Tensor]:
-    """The three loss terms and their weighted sum for one batch of cached targets."""
+@dataclass(frozen=True)
+class Method:
+    """Which loss terms a method switches on (CE is always on)."""
+
+    kl: str | None  # None | "answer" (KD: answer positions) | "all" (LDist: audio + text positions)
+    projector: str | None  # None | "aw_cka" | "cka" (uniform weights) | "fitnets" (MSE via a learned adapter)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The cache columns the method reads."""
+        cols = ["id", "label", "split", "n_audio", "input_ids", "encoder_out"]
+        cols += ["topk_ids", "topk_logprobs"] if self.kl else []
+        cols += ["attention"] if self.projector == "aw_cka" else []
+        return tuple(cols)
+
+
+METHODS = {
+    "ce": Method(None, None),
+    "kd": Method("answer", None),
+    "ldist": Method("all", None),
+    "pdist": Method(None, "aw_cka"),
+    "fitnets": Method("all", "fitnets"),
+    "cka": Method("all", "cka"),
+    "pl-distill": Method("all", "aw_cka"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise PldistillError(f"params.yaml: unknown distill method `{name}`; known: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def distillation_terms(student, batch: dict, method: Method, teacher_weight: torch.Tensor,
+                       teacher_bias: torch.Tensor, lambda_p: float, lambda_l: float, temperature: float,
+                       adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The method's loss terms and their weighted sum for one batch of cached targets."""
     logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
                                                 batch["attention_mask"])
     terms = {"ce": answer_cross_entropy(logits, batch["input_ids"], batch["answer_mask"])}
     loss = terms["ce"]
-    if lambda_p:
+    if method.projector:
         teacher_features = batch["encoded"].float() @ teacher_weight.T + teacher_bias  # exact teacher projector output
         mask = step_mask(batch["lengths"], projected.shape[1])
-        terms["cka"] = aw_cka(projected, teacher_features, batch["attention"], mask).mean()
-        loss = loss + lambda_p * (1 - terms["cka"])
-    if lambda_l:
-        terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], batch["kl_mask"],
+        if method.projector == "fitnets":
+            error = (adapter(projected.float()) - teacher_features).square().mean(-1)
+            terms["mse"] = (error * mask).sum() / mask.sum()
+            loss = loss + lambda_p * terms["mse"]
+        else:
+            weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
+            terms["cka"] = aw_cka(projected, teacher_features, weights, mask).mean()
+            loss = loss + lambda_p * (1 - terms["cka"])
+    if method.kl:
+        positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
+        terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions,
                                   temperature).mean()
         loss = loss + lambda_l * terms["kl"]
     return {"loss": loss, **terms}
@@ -84,7 +129,7 @@ def distillation_terms(student, batch: dict, teacher_weight: torch.Tensor, teach
 
 @torch.no_grad()
 def predict_cached(student, prompt: PromptLayout, targets: CachedTargets, batch_size: int, device) -> list[str]:
-    loader = DataLoader(targets, batch_size=batch_size, collate_fn=TargetCollate(prompt))
+    loader = DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt))
     predictions = [""] * len(targets)
     with progress("validate", len(targets)) as bar:
         for batch in loader:
@@ -100,8 +145,15 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
+def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), method_name: str | None = None,
+            seed: int | None = None) -> dict:
+    """Train the student of one method (default `distill.method`) with one seed (default `seed`) on the
+    fold's cached targets."""
     p = params.distill
+    method_name = method_name or p.method
+    seed = params.seed if seed is None else seed
+    name = student_name(method_name, seed)
+    method = get_method(method_name)
     labels = manifest_labels(layout.manifest(dataset))
     teacher_dir = layout.teacher(dataset, fold)
     encoder_config, encoder_weights, audio_token = load_encoder(teacher_dir)
@@ -110,49 +162,54 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout()) 
     processor = AutoProcessor.from_pretrained(teacher_dir)  # the student always uses the teacher's processor
     prompt = PromptLayout.from_processor(processor, labels)
     cache = TeacherCache.open(layout.cache(dataset, fold), cache_identity(teacher_dir, prompt, params), prompt)
-    train, validation = cache.split("train"), cache.split("validation")
+    train, validation = cache.split("train", method.columns), cache.split("validation", method.columns)
     if not len(train) or not len(validation):
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
 
-    seed_everything(params.seed)
+    seed_everything(seed)
     preset = get_preset(params.model.preset)
-    llm = build_student_llm(preset, len(processor.tokenizer), params.seed)
-    student = assemble_student(encoder_config, encoder_weights, audio_token, llm, params.seed)
+    llm = build_student_llm(preset, len(processor.tokenizer), seed)
+    student = assemble_student(encoder_config, encoder_weights, audio_token, llm, seed)
     if p.train_llm == "frozen":
         student.model.language_model.requires_grad_(False)
         student.lm_head.requires_grad_(False)
+    # FitNets' learned adapter maps student projector features to the teacher's width; it trains
+    # with the student and is not part of the saved model.
+    adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
+    trained = torch.nn.ModuleDict({"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})})
     device = resolve_device(p.device)
-    student.to(device)
+    trained.to(device)
     teacher_weight, teacher_bias = cache.projector_weight.to(device), cache.projector_bias.to(device)
     trainable = sum(x.numel() for x in student.parameters() if x.requires_grad)
-    console.print(f"student ({preset.name}): {count_parameters(student):,} parameters, {trainable:,} trainable; "
-                  f"{len(train)} train / {len(validation)} validation cached clips")
+    console.print(f"student ({preset.name}, {method_name}): {count_parameters(student):,} parameters, "
+                  f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation cached clips")
 
     collate = TargetCollate(prompt)
 
     def batches(epoch: int):
-        shuffle = torch.Generator().manual_seed(params.seed + epoch)
-        return DataLoader(train, batch_size=p.batch_size, shuffle=True, generator=shuffle, collate_fn=collate)
+        return DataLoader(train, batch_sampler=train.batches(p.batch_size, seed + epoch), collate_fn=collate,
+                          num_workers=p.loader_workers, persistent_workers=False)
 
     def step(batch: dict) -> dict[str, torch.Tensor]:
         with autocast(device):
-            return distillation_terms(student, _to(batch, device), teacher_weight, teacher_bias, p.lambda_p,
-                                      p.lambda_l, cache.meta["cache"]["temperature"])
+            return distillation_terms(student, _to(batch, device), method, teacher_weight, teacher_bias, p.lambda_p,
+                                      p.lambda_l, cache.meta["cache"]["temperature"], adapter)
 
-    truth = validation.rows["label"].tolist()
+    truth = [validation.rows["label"][i] for i in range(len(validation))]
 
     def validate() -> float:
         return classification_metrics(truth, predict_cached(student, prompt, validation, p.batch_size, device), labels)["ua"]
 
-    made_by = {"stage": "distill", "dataset": dataset, "fold": fold, "preset": preset.name, "seed": params.seed,
-               "teacher": {"path": str(teacher_dir), "weights": read_metadata(teacher_dir).get("weights")},
+    made_by = {"stage": "distill", "method": method_name, "dataset": dataset, "fold": fold, "labels": list(labels),
+               "prompt": prompt.text, "preset": preset.name,
+               "seed": seed, "teacher": {"path": str(teacher_dir), "weights": read_metadata(teacher_dir).get("weights")},
                "cache": cache.meta, "params": {"distill": params.section("distill"), "model": params.section("model")}}
-    work = layout.work(dataset, fold, "distill")
+    work = layout.work(dataset, fold, name)
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
-    result = train_with_validation(student, batches, step, validate, settings, len(batches(0)), work,
-                                   fingerprint(made_by), f"distill {dataset} fold {fold}")
+    result = train_with_validation(trained, batches, step, validate, settings, len(train.batches(p.batch_size)), work,
+                                   fingerprint(made_by), f"distill {name} {dataset} fold {fold}")
     summary = {**made_by, "best_epoch": result.best_epoch, "validation_ua": result.best_score, "history": result.history}
-    save_model(student, processor, layout.student(dataset, fold), summary)
+    save_model(student, processor, layout.student(dataset, fold, name), summary)
     finish_work(work)
-    console.print(f"student: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")
+    console.print(f"{name}: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")
     return summary

@@ -156,6 +156,19 @@ def capture_audio_attention(
         handle.remove()
 
 
+def forward_with_audio_attention(model, prompt: PromptLayout, encoded: Tensor, lengths: Tensor, input_ids: Tensor,
+                                 attention_mask: Tensor, layer: int) -> tuple[Tensor, list[Tensor]]:
+    """Logits of a right-padded batch, and each clip's attention weights over its T audio steps:
+    from the prompt's text queries after the audio (before any answer), at LLM `layer`."""
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    prompt_len = torch.tensor([len(prompt.prompt_ids(int(t))) for t in lengths], device=input_ids.device)
+    audio_mask = input_ids == prompt.audio_token_id
+    query_mask = (pos >= len(prompt.prefix) + lengths[:, None]) & (pos < prompt_len[:, None])
+    with capture_audio_attention(model, layer, query_mask, audio_mask, attention_mask) as captured:
+        logits, _, _ = forward_from_encoder(model, encoded, lengths, input_ids, attention_mask)
+    return logits, [captured["weights"][i][audio_mask[i]].float() for i in range(len(lengths))]
+
+
 def answer_positions(attention_mask: Tensor, answer_lengths: Tensor) -> Tensor:
     """Mask [B, S] of the positions whose next token is an answer token (right padding)."""
     seq_lengths = attention_mask.sum(-1)

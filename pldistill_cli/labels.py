@@ -29,6 +29,15 @@ IEMOCAP_CODES = {"neu": "Neutral", "hap": "Happy", "exc": "Happy", "ang": "Angry
 IEMOCAP_LEFT_OUT = ("xxx", "fru", "sur", "fea", "dis", "oth")
 
 
+# What a model card says about each corpus's terms of use.
+CORPUS_LICENCES = {
+    "synthetic": "synthetic speech rendered offline with espeak-ng (no human recordings); free to use",
+    "ravdess": "RAVDESS (Livingstone & Russo, 2018), CC BY-NC-SA 4.0: non-commercial, share alike",
+    "savee": "SAVEE (Jackson & Haq, 2014), free for research use; see the corpus's terms",
+    "iemocap": "IEMOCAP (Busso et al., 2008), under the USC SAIL licence agreement: research use only",
+}
+
+
 def label_set(dataset: str) -> tuple[str, ...]:
     try:
         return LABEL_SETS[dataset]

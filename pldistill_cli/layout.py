@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def student_name(method: str, seed: int) -> str:
+    """A student run: one method trained with one seed (also its metrics name)."""
+    return f"student-{method}-s{seed}"
+
+
 @dataclass(frozen=True)
 class Layout:
     data: Path = Path("data")
@@ -31,8 +36,8 @@ class Layout:
     def cache(self, dataset: str, fold: int) -> Path:
         return self.run(dataset, fold) / "cache"
 
-    def student(self, dataset: str, fold: int) -> Path:
-        return self.run(dataset, fold) / "student"
+    def student(self, dataset: str, fold: int, name: str) -> Path:
+        return self.run(dataset, fold) / name
 
     def work(self, dataset: str, fold: int, stage: str) -> Path:
         """Resumable state of an interrupted stage; DVC never deletes it (persistent output)."""

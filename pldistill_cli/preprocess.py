@@ -77,8 +77,9 @@ def _save_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Path | None = None) -> PreprocessResult:
-    adapter, corpus = resolve(dataset, params, root)
+def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Path | None = None,
+               **corpus_overrides: str | None) -> PreprocessResult:
+    adapter, corpus = resolve(dataset, params, root, **corpus_overrides)
     with progress(f"collect {dataset}", None) as bar:
         collected = adapter.collect(dataset, corpus, params, layout, bar.advance)
     items = collected.items

@@ -47,10 +47,11 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         return {"loss": answer_cross_entropy(logits, text.input_ids, text.answer_mask)}
 
     def validate() -> float:
-        scores = predict_audio(model, processor, prompt, validation, p.batch_size, device, "validate")
-        return classification_metrics(validation["label"].tolist(), [labels[j] for j in scores.argmax(1)], labels)["ua"]
+        scored = predict_audio(model, processor, prompt, validation, p.batch_size, device, "validate")
+        return classification_metrics(validation["label"].tolist(), scored.predictions, labels)["ua"]
 
-    made_by = {"stage": "train-teacher", "dataset": dataset, "fold": fold, "preset": preset.name,
+    made_by = {"stage": "train-teacher", "dataset": dataset, "fold": fold, "labels": list(labels),
+               "prompt": prompt.text, "preset": preset.name,
                "seed": params.seed, "params": {"train_teacher": params.section("train_teacher"),
                                                "model": params.section("model")}}
     work = layout.work(dataset, fold, "train-teacher")

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import Params, fingerprint
 from .data import AudioClips, AudioCollate, length_sorted_batches, text_batch
 from .errors import PldistillError
-from .forward import PromptLayout, capture_audio_attention, encode_audio, forward_from_encoder
+from .forward import PromptLayout, encode_audio, forward_with_audio_attention
 from .layout import Layout
 from .losses import topk_logprobs
 from .manifest import manifest_labels, read_manifest, split_of
@@ -100,25 +100,20 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
 
     loader = DataLoader(AudioClips(todo), batch_sampler=length_sorted_batches(todo["duration"], p.batch_size),
                         collate_fn=AudioCollate(processor))
-    n_prefix = len(prompt.prefix)
     with progress(f"cache teacher {dataset} fold {fold}", len(rows)) as bar:
         bar.update(completed=len(done))
         for batch in loader:
             meta = todo.iloc[batch.rows]
             text = text_batch(prompt, batch.n_audio.tolist(), meta["label"].tolist()).to(device)
-            prompt_len = torch.tensor([len(prompt.prompt_ids(int(t))) for t in batch.n_audio], device=device)
-            pos = torch.arange(text.input_ids.shape[1], device=device)[None]
-            audio_mask = text.input_ids == prompt.audio_token_id
-            query_mask = (pos >= n_prefix + batch.n_audio.to(device)[:, None]) & (pos < prompt_len[:, None])
-            with autocast(device), capture_audio_attention(model, p.attention_layer, query_mask, audio_mask,
-                                                           text.attention_mask) as captured:
+            with autocast(device):
                 encoded, lengths = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
-                logits, _, _ = forward_from_encoder(model, encoded, lengths, text.input_ids, text.attention_mask)
+                logits, weights = forward_with_audio_attention(model, prompt, encoded, lengths, text.input_ids,
+                                                               text.attention_mask, p.attention_layer)
             top_ids, top_lp = topk_logprobs(logits[:, :-1], p.top_k, p.temperature)
             out = []
             for i, (_, row) in enumerate(meta.iterrows()):
                 t, s = int(lengths[i]), int(text.attention_mask[i].sum())
-                w = captured["weights"][i][audio_mask[i]].float()
+                w = weights[i]
                 out.append({
                     "id": row["id"], "label": row["label"], "split": row["split"], "n_audio": t,
                     "input_ids": text.input_ids[i, :s].tolist(),
@@ -128,7 +123,7 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
                     "topk_ids": top_ids[i, : s - 1].flatten().tolist(),
                     "topk_logprobs": top_lp[i, : s - 1].flatten().tolist(),
                 })
-            _write_part(work / f"part-{len(list(work.glob('part-*.parquet'))):05d}.parquet", out)
+            _write_part(work / f"part-{len(list(work.glob('part-*.parquet'))):05d}.parquet", out)  # resumable
             bar.advance(len(out))
 
     projector = model.model.multi_modal_projector.linear
@@ -144,17 +139,18 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
 
 @dataclass
 class TeacherCache:
-    """A validated cache, in memory: rows as numpy arrays plus the teacher projector."""
+    """A cache whose identity has been checked; rows stay on disk until a batch needs them."""
 
     folder: Path
     meta: dict
-    table: pd.DataFrame
+    index: pd.DataFrame  # id, label, split, n_audio, part, row: where each row lives
     projector_weight: torch.Tensor
     projector_bias: torch.Tensor
-    top_k: int
 
     @classmethod
     def open(cls, folder: Path, expected: dict, prompt: PromptLayout) -> "TeacherCache":
+        """Check that the cache was made by the expected teacher, prompt and settings, and that every
+        row's input ids are this prompt's; one-line errors otherwise."""
         meta_file = folder / "meta.json"
         if not meta_file.exists():
             raise PldistillError(f"{folder}: no teacher cache here; run `pldistill cache-teacher` first")
@@ -165,52 +161,70 @@ class TeacherCache:
                     f"{folder}: cache was written with a different {key} ({meta.get(key)!r} != {expected.get(key)!r}); "
                     "re-run `pldistill cache-teacher`"
                 )
-        parts = sorted(folder.glob("part-*.parquet"))
-        table = pq.ParquetDataset(parts, schema=CACHE_SCHEMA).read().to_pandas() if parts else pd.DataFrame()
-        if table.empty:
+        frames = []
+        for part in sorted(folder.glob("part-*.parquet")):
+            rows = pq.read_table(part, columns=["id", "label", "split", "n_audio", "input_ids"]).to_pandas()
+            for row in rows.itertuples():
+                if list(row.input_ids) != prompt.prompt_ids(row.n_audio) + list(prompt.answer_ids(row.label)):
+                    raise PldistillError(f"{part}: row {row.id}: input ids differ from the prompt; "
+                                         "re-run `pldistill cache-teacher`")
+            frames.append(rows.drop(columns="input_ids").assign(part=str(part), row=range(len(rows))))
+        if not frames:
             raise PldistillError(f"{folder}: the teacher cache has no rows; re-run `pldistill cache-teacher`")
         weights = load_file(str(folder / PROJECTOR_FILE))
-        cache = cls(folder, meta, table, weights["weight"], weights["bias"], int(meta["cache"]["top_k"]))
-        cache.validate(prompt)
-        return cache
+        return cls(folder, meta, pd.concat(frames, ignore_index=True), weights["weight"], weights["bias"])
 
-    def validate(self, prompt: PromptLayout) -> None:
-        d_enc = self.projector_weight.shape[1]
-        for row in self.table.itertuples():
-            t, s = row.n_audio, len(row.input_ids)
-            expected_ids = prompt.prompt_ids(t) + list(prompt.answer_ids(row.label))
-            problem = (
-                "input ids differ from the prompt" if list(row.input_ids) != expected_ids
-                else "encoder_out has the wrong size" if len(row.encoder_out) != t * d_enc
-                else "attention has the wrong size" if len(row.attention) != t
-                else "top-k has the wrong size" if len(row.topk_ids) != (s - 1) * self.top_k or len(row.topk_logprobs) != (s - 1) * self.top_k
-                else "non-finite values" if not (np.isfinite(row.encoder_out).all() and np.isfinite(row.attention).all())
-                else None
-            )
-            if problem:
-                raise PldistillError(f"{self.folder}: row {row.id}: {problem}; re-run `pldistill cache-teacher`")
-
-    def split(self, name: str) -> "CachedTargets":
-        return CachedTargets(self.table[self.table["split"] == name].reset_index(drop=True), self.projector_weight.shape[1], self.top_k)
+    def split(self, name: str, columns: tuple[str, ...] = tuple(CACHE_SCHEMA.names)) -> "CachedTargets":
+        rows = self.index[self.index["split"] == name].reset_index(drop=True)
+        return CachedTargets(rows, columns, self.projector_weight.shape[1], int(self.meta["cache"]["top_k"]))
 
 
 class CachedTargets(Dataset):
-    """Rows of the cache as tensors: X [T, D_enc], w [T], ids [S], top-k ids/log-probs [S-1, k]."""
+    """Rows of one split as tensors: encoded X [T, D_enc], attention w [T], input_ids [S], top-k ids and
+    log-probs [S-1, k] (those among `columns`). Parquet parts are read with pyarrow, only the needed
+    columns, one part at a time; each row is validated (shapes, finite values) as it is read."""
 
-    def __init__(self, rows: pd.DataFrame, d_enc: int, top_k: int):
-        self.rows, self.d_enc, self.k = rows, d_enc, top_k
+    def __init__(self, rows: pd.DataFrame, columns: tuple[str, ...], d_enc: int, top_k: int):
+        self.rows, self.columns, self.d_enc, self.k = rows, list(columns), d_enc, top_k
+        self._part: tuple[str, pd.DataFrame] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _read(self, part: str) -> pd.DataFrame:
+        if self._part is None or self._part[0] != part:
+            self._part = (part, pq.read_table(part, columns=self.columns).to_pandas())
+        return self._part[1]
+
     def __getitem__(self, i: int) -> dict:
-        r = self.rows.iloc[i]
-        return {
-            "index": i,
-            "label": r["label"],
-            "encoded": torch.from_numpy(np.asarray(r["encoder_out"], dtype=np.float32).reshape(-1, self.d_enc)),
-            "attention": torch.from_numpy(np.asarray(r["attention"], dtype=np.float32)),
-            "input_ids": torch.from_numpy(np.asarray(r["input_ids"], dtype=np.int64)),
-            "topk_ids": torch.from_numpy(np.asarray(r["topk_ids"], dtype=np.int64).reshape(-1, self.k)),
-            "topk_logprobs": torch.from_numpy(np.asarray(r["topk_logprobs"], dtype=np.float32).reshape(-1, self.k)),
-        }
+        where = self.rows.iloc[i]
+        r = self._read(where["part"]).iloc[where["row"]]
+        t, s = int(r["n_audio"]), len(r["input_ids"])
+        item = {"index": i, "label": r["label"], "input_ids": torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)),
+                "encoded": torch.from_numpy(np.array(r["encoder_out"], dtype=np.float32)).view(-1, self.d_enc)}
+        if "attention" in r:
+            item["attention"] = torch.from_numpy(np.array(r["attention"], dtype=np.float32))
+        if "topk_ids" in r:
+            item["topk_ids"] = torch.from_numpy(np.array(r["topk_ids"], dtype=np.int64)).view(-1, self.k)
+            item["topk_logprobs"] = torch.from_numpy(np.array(r["topk_logprobs"], dtype=np.float32)).view(-1, self.k)
+        shapes_ok = (item["encoded"].shape[0] == t and item.get("attention", torch.zeros(t)).shape[0] == t
+                     and item.get("topk_ids", torch.zeros(s - 1, 1)).shape[0] == s - 1)
+        finite = all(torch.isfinite(v).all() for k, v in item.items() if k in ("encoded", "attention", "topk_logprobs"))
+        if not (shapes_ok and finite):
+            raise PldistillError(f"{where['part']}: row {r['id']}: {'wrong shapes' if not shapes_ok else 'non-finite values'}; "
+                                 "re-run `pldistill cache-teacher`")
+        return item
+
+    def batches(self, batch_size: int, seed: int | None = None) -> list[list[int]]:
+        """Batches drawn within one Parquet part (parts hold clips of similar length, so little padding
+        and one part read per batch); shuffled when a seed is given."""
+        rng = np.random.default_rng(seed)
+        batches = []
+        for _, group in self.rows.groupby("part", sort=True):
+            idx = group.index.to_numpy()
+            if seed is not None:
+                idx = rng.permutation(idx)
+            batches += [idx[j : j + batch_size].tolist() for j in range(0, len(idx), batch_size)]
+        if seed is not None:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -79,8 +78,9 @@ def test_a_missing_root_says_how_to_pass_one(adapter):
 @pytest.mark.parametrize("adapter", [RavdessAdapter, SaveeAdapter, IemocapAdapter, FolderAdapter])
 def test_a_root_without_recognisable_files_is_an_error(adapter, tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
-    tone(tmp_path / "Session9" / "random.wav", 16000)
-    with pytest.raises(PldistillError, match=str(tmp_path)):
+    if adapter is not FolderAdapter:  # for the folder adapter, any sub-folder with audio is a label
+        tone(tmp_path / "Session9" / "random.wav", 16000)
+    with pytest.raises(PldistillError, match=rf"^{tmp_path}: no (recognisable|Session1)"):
         collect(adapter, tmp_path)
 
 
@@ -412,6 +412,8 @@ def test_folder_unusable_label_is_an_error(tmp_path, bad):
     tone(tmp_path / "folders" / bad / "x.wav", 16000, 0.1)
     with pytest.raises(PldistillError, match="not usable as a label word"):
         collect(FolderAdapter, tmp_path / "folders", dataset="mine", n_folds=3)
+    if bad.startswith(" "):
+        return  # CSV cells are stripped
     csv = tmp_path / "data.csv"
     csv.write_text(f'path,label\nfolders/Happy/spk1_0.wav,"{bad}"\nfolders/Sad/spk1_0.wav,Sad\n')
     with pytest.raises(PldistillError, match=r"data.csv:2: label .* not usable"):

@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -17,6 +19,8 @@ from pldistill_cli.teacher_cache import CACHE_SCHEMA
 
 SMALL = {
     "seed": 7,
+    "seeds": [7],
+    "methods": ["ce", "pl-distill"],
     "synthetic": {"n_speakers": 6, "n_sentences": 1, "n_folds": 3},
     "train_teacher": {"epochs": 2, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
@@ -26,9 +30,11 @@ STAGES = [
     ["preprocess"],
     ["train-teacher"],
     ["cache-teacher"],
-    ["distill"],
+    ["distill", "--method", "ce"],
+    ["distill", "--method", "pl-distill"],
     ["evaluate", "--model", "teacher"],
-    ["evaluate", "--model", "student"],
+    ["evaluate", "--model", "student", "--method", "ce"],
+    ["evaluate", "--model", "student", "--method", "pl-distill"],
     ["evaluate", "--model", "references"],
     ["report"],
 ]
@@ -39,32 +45,61 @@ def cli(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
+AUDIO_READS: dict[str, set[str]] = {}
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
+    """Runs every stage through the CLI, recording which audio files each stage reads."""
+    import pldistill_cli.data as data
+
     root = tmp_path_factory.mktemp("e2e")
     (root / "params.yaml").write_text(yaml.safe_dump(SMALL))
-    cwd = os.getcwd()
+    cwd, read_audio = os.getcwd(), data.read_audio
     os.chdir(root)
     try:
         for stage in STAGES:
+            reads = AUDIO_READS.setdefault(stage[0], set())
+            data.read_audio = lambda path, *a, _reads=reads: (_reads.add(Path(path).stem), read_audio(path, *a))[1]
             cli(*stage)
         yield root
     finally:
+        data.read_audio = read_audio
         os.chdir(cwd)
 
 
+def test_only_evaluate_reads_the_test_split(run_dir):
+    import pandas as pd
+
+    manifest = pd.read_parquet(run_dir / "data/prepared/synthetic/manifest.parquet")
+    test_ids = set(manifest.loc[manifest["fold"] == 1, "id"])
+    for stage in ("train-teacher", "cache-teacher"):
+        assert AUDIO_READS[stage] and not AUDIO_READS[stage] & test_ids, stage
+    assert not AUDIO_READS["distill"]  # the student trains from the cache alone
+    assert test_ids <= AUDIO_READS["evaluate"]
+
+
 def test_metrics_files_have_the_expected_keys_and_ranges(run_dir):
-    for model in ("teacher", "student"):
+    for model in ("teacher", "student-ce-s7", "student-pl-distill-s7"):
         m = json.loads((run_dir / "metrics/synthetic/fold1" / f"{model}.json").read_text())
-        assert {"wa", "ua", "macro_f1", "n", "parameters", "model_weights", "params"} <= set(m)
+        assert {"wa", "ua", "macro_f1", "n", "parameters", "model_weights", "params", "recall", "confusion",
+                "latency_ms", "ua_ci95"} <= set(m)
         assert m["n"] == 16  # two test speakers x 8 emotions x 1 sentence
         for key in ("wa", "ua", "macro_f1"):
             assert 0.0 <= m[key] <= 1.0
+        assert m["ua_ci95"][0] <= m["ua"] <= m["ua_ci95"][1]
+        assert sum(map(sum, m["confusion"])) == 16 and m["unmatched"] == 0
+        assert m["latency_ms"]["encoder"] > 0 and m["latency_ms"]["llm"] > 0
     refs = json.loads((run_dir / "metrics/synthetic/fold1/references.json").read_text())
     assert 0.0 <= refs["duration"]["ua"] <= 1.0 and 0.0 <= refs["prosody"]["ua"] <= 1.0
     report = (run_dir / "report/report.md").read_text()
-    assert "| teacher |" in report and "| student (PL-Distill) |" in report and "reference:" in report
-    assert (run_dir / "report/synthetic-fold1-confusion.png").stat().st_size > 10_000
+    assert "| teacher |" in report and "| student: pl-distill |" in report and "| student: ce |" in report
+    assert "reference:" in report
+    pictures = re.findall(r"!\[.*\]\((.*)\)", report)
+    assert len(pictures) == 6 and all((run_dir / "report" / p).stat().st_size > 5_000 for p in pictures)
+    page = (run_dir / "report/report.html").read_text()
+    assert page.count("<img") == 6 and page.count("data:image/png;base64,") == 6
+    assert "http://" not in page and "https://" not in page  # opens offline
 
 
 def test_cache_rows_follow_the_schema_and_never_hold_test_clips(run_dir):
@@ -84,10 +119,11 @@ def test_cache_rows_follow_the_schema_and_never_hold_test_clips(run_dir):
 
 
 def test_models_record_what_made_them(run_dir):
-    student = json.loads((run_dir / "data/runs/synthetic/fold1/student/pldistill.json").read_text())
+    student = json.loads((run_dir / "data/runs/synthetic/fold1/student-pl-distill-s7/pldistill.json").read_text())
     teacher = json.loads((run_dir / "data/runs/synthetic/fold1/teacher/pldistill.json").read_text())
     assert student["teacher"]["weights"] == teacher["weights"]
     assert student["params"]["distill"]["lambda_p"] == 1.0 and student["seed"] == 7
+    assert student["method"] == "pl-distill"
     assert {"ce", "cka", "kl", "validation_ua"} <= set(student["history"][0])
 
 
@@ -127,3 +163,73 @@ def test_a_cache_from_another_teacher_or_prompt_is_refused(run_dir, monkeypatch)
                 distill("synthetic", 1, load_params(Path("params.yaml")))
     finally:
         meta_file.write_text(original)
+
+
+def test_generation_scoring_counts_unmatched_answers(run_dir, monkeypatch):
+    from pldistill_cli.config import load_params
+    from pldistill_cli.evaluation import UNMATCHED, evaluate_model
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    import dataclasses
+
+    params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, scoring="generate"))
+    result = evaluate_model("synthetic", 1, "teacher", params)
+    predictions = __import__("pandas").read_csv(run_dir / "metrics/synthetic/fold1/teacher-predictions.csv")
+    assert "answer" in predictions and result["unmatched"] == int((predictions["prediction"] == UNMATCHED).sum())
+    assert set(predictions["prediction"]) <= set(result["labels"]) | {UNMATCHED}
+    cli("evaluate", "--model", "teacher")  # back to ranking for the other tests
+
+
+def test_predict_answers_good_files_and_names_bad_ones(run_dir):
+    import numpy as np
+    import soundfile as sf
+
+    clip = next((run_dir / "data/prepared/synthetic/audio").glob("*spk01*.wav"))
+    wave, rate = sf.read(clip)
+    sf.write(run_dir / "long.flac", np.tile(wave, 6)[: rate * 10], rate)  # 10 s: three 4 s windows
+    (run_dir / "corrupt.wav").write_bytes(b"RIFF not audio")
+    sf.write(run_dir / "empty.wav", np.zeros(0), 16000)
+    files = [str(clip), "long.flac", "missing.wav", "corrupt.wav", "empty.wav"]
+    result = _run(["predict", "--json", *files], run_dir)
+    assert result.returncode == 1
+    answers = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert answers[clip.name]["label"] in answers[clip.name]["probabilities"]
+    assert abs(sum(answers["long.flac"]["probabilities"].values()) - 1) < 1e-5 and answers["long.flac"]["windows"] == 3
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 3 and all(len(l.split("\n")) == 1 for l in errors)
+    assert {answers[n]["error"] for n in ("missing.wav", "corrupt.wav", "empty.wav")} == {
+        "file not found", answers["corrupt.wav"]["error"], "empty"}
+
+
+def test_export_reloads_with_plain_transformers_and_predicts_the_same(run_dir):
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    from pldistill_cli.inference import Predictor
+    from pldistill_cli.audio import read_audio
+
+    cli_result = CliRunner().invoke(app, ["export", "--out", str(run_dir / "exported")], catch_exceptions=False)
+    assert cli_result.exit_code == 0, cli_result.output
+    out = run_dir / "exported"
+    card = (out / "README.md").read_text()
+    assert "pl-distill" in card and "synthetic" in card and "UA" in card
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    meta = json.loads((out / "pldistill.json").read_text())
+    clip = next((run_dir / "data/prepared/synthetic/audio").glob("*spk02*.wav"))
+    wave = read_audio(clip)
+    scores = []
+    with torch.no_grad():  # plain transformers: the processor's prompt + each answer, full forward
+        for label in meta["labels"]:
+            answer = label + "<|im_end|>"
+            inputs = processor(text=meta["prompt"] + answer, audio=[wave], sampling_rate=16000, return_tensors="pt")
+            logp = model(**inputs).logits[0].log_softmax(-1)
+            n = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            ids = inputs["input_ids"][0]
+            scores.append(sum(float(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]]) for i in range(n)))
+    exported = Predictor(out, "cpu").predict(clip)
+    original = Predictor(run_dir / "data/runs/synthetic/fold1/student-pl-distill-s7", "cpu").predict(clip)
+    assert exported.label == original.label == meta["labels"][int(np.argmax(scores))]
+    probs = torch.tensor(scores).softmax(-1)
+    assert torch.allclose(probs, torch.tensor([exported.probabilities[l] for l in meta["labels"]]), atol=1e-4)

@@ -1,7 +1,8 @@
 """Dataset registry: each adapter turns a corpus, as distributed, into source items with folds.
 
-A dataset name is a key of `params.yaml: corpora` (its `adapter` says which format it is in) or,
-for the built-in corpora, the adapter's own name (`synthetic`, `ravdess`, `savee`, `iemocap`).
+A dataset name is a key of `params.yaml: corpora` (its `adapter` says which format it is in:
+`synthetic`, `ravdess`, `savee`, `iemocap`, `emobox` or `folder`) or, for the built-in corpora,
+the adapter's own name (`synthetic`, `ravdess`, `savee`, `iemocap`).
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ def adapters() -> dict[str, Adapter]:
     return {a.name: a for a in found}
 
 
-def resolve(dataset: str, params: Params, root: Path | None = None) -> tuple[Adapter, CorpusParams]:
-    """The adapter and corpus settings for a dataset name; `root` overrides the configured root."""
+def resolve(dataset: str, params: Params, root: Path | None = None, **overrides: str | None) -> tuple[Adapter, CorpusParams]:
+    """The adapter and corpus settings for a dataset name; `root` and any non-None `overrides`
+    (CorpusParams fields, e.g. from the command line) replace the configured values."""
     import dataclasses
 
     known = adapters()
     corpus = params.corpora.get(dataset, CorpusParams())
+    corpus = dataclasses.replace(corpus, **{k: v for k, v in overrides.items() if v is not None})
     name = corpus.adapter or dataset
     if name not in known:
         choices = sorted(set(known) | set(params.corpora))

@@ -260,7 +260,7 @@ class IemocapAdapter:
         for session in sessions:
             fold = int(session.name[-1])
             labels: dict[str, str] = {}  # utterance -> raw code, first label line wins
-            # (its sub-folders Categorical/, Attribute/, Self-evaluation/ hold the raw annotations)
+            # only the files directly in EmoEvaluation/: its sub-folders hold the raw per-annotator files
             for txt in sorted((session / "dialog" / "EmoEvaluation").glob("[!.]*.txt")):
                 advance()
                 for line in txt.read_text(errors="replace").splitlines():
