@@ -75,7 +75,7 @@ class CacheParams:
 class DistillParams:
     lambda_p: float = 1.0
     lambda_l: float = 1.0
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 16
     grad_accum: int = 1
     lr: float = 2e-3

@@ -215,8 +215,8 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
     }
     if which == "teacher":
         examples = test.sort_values("id").groupby("label").head(1).head(p.attention_examples)
-        result["attention_examples"] = attention_examples(model, processor, prompt, examples,
-                                                          params.cache.attention_layer, device)
+        _write_json(layout.attention_examples(dataset, fold), {"examples": attention_examples(
+            model, processor, prompt, examples, params.cache.attention_layer, device)})
     _write_json(layout.metrics(dataset, fold, name), result)
     _write_predictions(layout.predictions(dataset, fold, name), test, scored.predictions, labels, scored)
     return result

@@ -46,5 +46,8 @@ class Layout:
     def metrics(self, dataset: str, fold: int, model: str) -> Path:
         return self.metrics_root / dataset / f"fold{fold}" / f"{model}.json"
 
+    def attention_examples(self, dataset: str, fold: int) -> Path:
+        return self.metrics_root / dataset / f"fold{fold}" / "teacher-attention.json"
+
     def predictions(self, dataset: str, fold: int, model: str) -> Path:
         return self.metrics_root / dataset / f"fold{fold}" / f"{model}-predictions.csv"

@@ -38,8 +38,9 @@ def _runs(params: Params) -> list[tuple[str, str, int | None]]:
     return [("teacher", "teacher", None)] + [(f"student: {m}", m, s) for m in params.methods for s in params.seeds]
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: Path, layout: bool = True) -> Path:
+    if layout:
+        fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -92,16 +93,19 @@ def _recall_bars(recalls: dict[str, dict[str, float]], labels, dataset: str, out
 
 def _curves(histories: dict[str, list[dict]], out: Path) -> Path:
     terms = sorted({k for h in histories.values() for r in h for k in r} - {"epoch"})
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3.0), squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(histories)}  # one colour per run in every panel
     for ax, term in zip(axes[0], terms):
         for name, history in histories.items():
             points = [(r["epoch"], r[term]) for r in history if term in r]
             if points:
-                ax.plot(*zip(*points), label=name, lw=1.2)
+                ax.plot(*zip(*points), label=name, lw=1.2, color=colours[name])
         ax.set_title(term, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, out)
+    handles = [plt.Line2D([], [], color=c, label=n) for n, c in colours.items()]
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return _save(fig, out, layout=False)
 
 
 def _latency(latencies: dict[str, tuple[float, float]], out: Path) -> Path:
@@ -178,7 +182,8 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
 
 def write_report(params: Params, layout: Layout = Layout()) -> Path:
     out = layout.report_root
-    out.mkdir(parents=True, exist_ok=True)
+    pictures = out / "figures"
+    pictures.mkdir(parents=True, exist_ok=True)
     folds = list(params.folds)
     md = ["# pldistill report", "",
           "Test-split scores of every fold (speaker-independent folds; checkpoints chosen on validation). "
@@ -223,11 +228,11 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
                    "more than clip length or coarse prosody.", ""]
         names["prosody reference"] = "prosody"
         figures.append((f"{dataset}: confusion matrices", _confusions(layout, dataset, folds, labels, names,
-                                                                      out / f"{dataset}-confusion.png")))
+                                                                      pictures / f"{dataset}-confusion.png")))
         figures.append((f"{dataset}: per-class recall", _recall_bars(recalls, labels, dataset,
-                                                                     out / f"{dataset}-recall.png")))
+                                                                     pictures / f"{dataset}-recall.png")))
         figures.append((f"{dataset}: inference latency (encoder vs LLM)",
-                        _latency(latencies, out / f"{dataset}-latency.png")))
+                        _latency(latencies, pictures / f"{dataset}-latency.png")))
         fold = folds[0]
         histories = {"teacher": read_metadata(layout.teacher(dataset, fold)).get("history", [])}
         for method in params.methods:
@@ -236,17 +241,17 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
         for name, history in histories.items():
             curves_rows += [{"dataset": dataset, "fold": fold, "run": name, **r} for r in history]
         figures.append((f"{dataset} fold {fold}: training curves of each loss term (per-epoch means) and validation UA",
-                        _curves(histories, out / f"{dataset}-curves.png")))
+                        _curves(histories, pictures / f"{dataset}-curves.png")))
         figures.append((f"{dataset} fold {fold}: the teacher's confidence and attention spread on the clips it was "
                         "cached on", _confidence_figure(_cache_stats(layout, dataset, fold, labels),
-                                                        out / f"{dataset}-teacher-cache.png")))
-        examples = _load(layout.metrics(dataset, fold, "teacher")).get("attention_examples", [])
+                                                        pictures / f"{dataset}-teacher-cache.png")))
+        examples = _load(layout.attention_examples(dataset, fold))["examples"]
         if examples:
             figures.append((f"{dataset} fold {fold}: teacher attention over time on test clips",
-                            _attention_figure(examples, out / f"{dataset}-attention.png")))
+                            _attention_figure(examples, pictures / f"{dataset}-attention.png")))
     md += ["## Pictures", ""]
     for caption, path in figures:
-        md += [f"### {caption}", "", f"![{caption}]({path.name})", ""]
+        md += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
     md += ["## What made these numbers", "", "```json",
            json.dumps({"seed": params.seed, "seeds": list(params.seeds), "methods": list(params.methods),
                        "model": params.section("model"), "cache": params.section("cache"),
@@ -303,6 +308,6 @@ def _html(markdown: str, folder: Path) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
              "td:not(:first-child){text-align:right}img{max-width:100%;display:block;margin:8px 0}"
-             "pre{background:#f5f5f5;padding:8px;font-size:12px}")
+             "pre{background:#f5f5f5;padding:8px;font-size:12px;white-space:pre-wrap}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>pldistill report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
