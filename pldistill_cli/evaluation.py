@@ -13,20 +13,18 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader
 
 from .config import Params
-from .data import AudioClips, AudioCollate, length_sorted_batches
+from .data import AudioClips, AudioCollate, length_sorted_batches, text_batch
 from .errors import PldistillError
 from .forward import PromptLayout, encode_audio, forward_from_encoder, forward_with_audio_attention, score_labels
-from .data import text_batch
 from .layout import Layout, student_name
 from .manifest import manifest_labels, read_manifest, select_split
 from .models import count_parameters, load_model, read_metadata
 from .training import autocast, resolve_device
 from .ui import progress
-
 
 UNMATCHED = "<unmatched>"  # a generated answer that names no label (counted as wrong, never mapped to a class)
 

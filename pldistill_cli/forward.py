@@ -169,13 +169,6 @@ def forward_with_audio_attention(model, prompt: PromptLayout, encoded: Tensor, l
     return logits, [captured["weights"][i][audio_mask[i]].float() for i in range(len(lengths))]
 
 
-def answer_positions(attention_mask: Tensor, answer_lengths: Tensor) -> Tensor:
-    """Mask [B, S] of the positions whose next token is an answer token (right padding)."""
-    seq_lengths = attention_mask.sum(-1)
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None]
-    return (pos >= (seq_lengths - 1 - answer_lengths)[:, None]) & (pos < (seq_lengths - 1)[:, None])
-
-
 @torch.no_grad()
 def score_labels(
     model: Qwen2AudioForConditionalGeneration, prompt: PromptLayout, encoded: Tensor, lengths: Tensor

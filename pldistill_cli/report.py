@@ -175,6 +175,31 @@ def _attention_figure(examples: list[dict], out: Path) -> Path:
     return _save(fig, out)
 
 
+def _experiment_rows(dataset: str, folds: list[int]) -> list[list[str]]:
+    """Students run as DVC experiments (`dvc exp run -S ...`) rather than as a matrix axis here: their
+    per-fold metrics, from `dvc exp show`; nothing when this is not a DVC repository."""
+    try:
+        import dvc.api
+
+        experiments = [r for r in dvc.api.exp_show() if r.get("typ") not in ("workspace", "baseline")]
+    except Exception:  # not a DVC repository, or no git history: there are no experiments to add
+        return []
+    pattern = re.compile(rf"metrics/{re.escape(dataset)}/fold(\d+)/(student-.+)\.json:(wa|ua|macro_f1|parameters)$")
+    rows = []
+    for exp in experiments:
+        found: dict[str, dict[str, list[float]]] = {}
+        for key, value in exp.items():
+            m = pattern.match(key)
+            if m and int(m[1]) in folds and isinstance(value, (int, float)):
+                found.setdefault(m[2], {}).setdefault(m[3], []).append(value)
+        for name, v in sorted(found.items()):
+            if {"wa", "ua", "macro_f1"} <= set(v):
+                rows.append([f"{name.removeprefix('student-')} (experiment {exp.get('Experiment') or exp.get('rev')})",
+                             f"{int(v['parameters'][0]):,}" if "parameters" in v else "-", "-", _fmt(v["wa"]),
+                             _fmt(v["ua"]), _fmt(v["macro_f1"]), "-", "-"])
+    return rows
+
+
 def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + \
            ["| " + " | ".join(r) + " |" for r in rows]
@@ -214,6 +239,7 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
                 recalls[title.replace("student: ", "")] = pooled_m["recall"]
                 latencies[title.replace("student: ", "")] = (np.mean([m["latency_ms"]["encoder"] for m in metrics]),
                                                              np.mean([m["latency_ms"]["llm"] for m in metrics]))
+        table += _experiment_rows(dataset, folds)
         refs = [_load(layout.metrics(dataset, f, "references")) for f in folds]
         for key in ("duration", "prosody"):
             pooled = _pooled(layout, dataset, folds, key)

@@ -30,3 +30,15 @@ def test_ua_ignores_classes_absent_from_the_test_split():
     m = classification_metrics(y_true, y_pred, LABELS)
     assert np.isclose(m["ua"], (0.5 + 1.0) / 2)
     assert m["wa"] == 0.75
+
+
+def test_generated_answers_map_to_one_label_or_count_as_unmatched():
+    from pldistill_cli.evaluation import UNMATCHED, parse_answer
+
+    assert parse_answer("Happy", LABELS) == "Happy"
+    assert parse_answer(" the speaker sounds sad.", LABELS) == "Sad"
+    assert parse_answer("Unhappy", LABELS) == UNMATCHED  # whole words only
+    assert parse_answer("Happy or sad", LABELS) == UNMATCHED  # several labels: no guess
+    assert parse_answer("Calm", LABELS) == UNMATCHED  # not in this label set: never mapped to Neutral
+    m = classification_metrics(["Happy", "Sad", "Sad"], ["Happy", UNMATCHED, "Sad"], LABELS)
+    assert m["unmatched"] == 1 and np.isclose(m["ua"], (1.0 + 0.5) / 2) and np.isclose(m["wa"], 2 / 3)
