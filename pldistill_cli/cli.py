@@ -187,7 +187,7 @@ def export(
 
 @app.command()
 def report(params: Path = PARAMS) -> None:
-    """Markdown report: teacher vs student table, reference rows, confusion matrices."""
+    """The comparison across methods, datasets and folds, as report/report.md and a self-contained report.html."""
     from .report import write_report
 
     path = write_report(_params(params), Layout())
