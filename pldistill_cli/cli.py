@@ -157,10 +157,11 @@ def predict(
     else:
         good = [r for r in results if not r.error]
         if good:
-            labels = list(good[0].probabilities)
-            table = Table("file", "emotion", *labels, "windows")
+            table = Table("file", "emotion", "p", "next most likely", "windows")
             for r in good:
-                table.add_row(r.path, r.label, *(f"{r.probabilities[l]:.2f}" for l in labels), str(r.windows))
+                ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
+                table.add_row(Path(r.path).name, r.label, f"{ranked[0][1]:.2f}",
+                              ", ".join(f"{l} {v:.2f}" for l, v in ranked[1:4]), str(r.windows))
             console.print(table)
     if any(r.error for r in results):
         raise typer.Exit(1)

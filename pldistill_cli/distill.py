@@ -195,7 +195,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
             return distillation_terms(student, _to(batch, device), method, teacher_weight, teacher_bias, p.lambda_p,
                                       p.lambda_l, cache.meta["cache"]["temperature"], adapter)
 
-    truth = [validation.rows["label"][i] for i in range(len(validation))]
+    truth = validation.rows["label"].tolist()
 
     def validate() -> float:
         return classification_metrics(truth, predict_cached(student, prompt, validation, p.batch_size, device), labels)["ua"]
