@@ -157,10 +157,10 @@ class TeacherCache:
         meta = json.loads(meta_file.read_text())
         for key in ("format", "teacher", "prompt", "labels", "cache"):
             if meta.get(key) != expected.get(key):
-                raise PldistillError(
-                    f"{folder}: cache was written with a different {key} ({meta.get(key)!r} != {expected.get(key)!r}); "
-                    "re-run `pldistill cache-teacher`"
-                )
+                found, wanted = repr(meta.get(key)), repr(expected.get(key))
+                detail = f" ({found} != {wanted})" if len(found) + len(wanted) < 160 else ""
+                raise PldistillError(f"{folder}: cache was written with a different {key}{detail}; "
+                                     "re-run `pldistill cache-teacher`")
         frames = []
         for part in sorted(folder.glob("part-*.parquet")):
             rows = pq.read_table(part, columns=["id", "label", "split", "n_audio", "input_ids"]).to_pandas()

@@ -76,7 +76,7 @@ def train_with_validation(
     `batches(epoch)` yields the epoch's batches, `step(batch)` returns the loss terms with the total
     under "loss", `validate()` scores the model (higher is better). State is saved after every
     epoch in work_dir and picked up again by a re-run with the same fingerprint; on return the
-    model holds the best weights and the work folder is removed."""
+    model holds the best weights; the caller removes the work folder once its output is saved."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     updates = max(1, settings.epochs * steps_per_epoch // settings.grad_accum)

@@ -161,6 +161,9 @@ def test_a_cache_from_another_teacher_or_prompt_is_refused(run_dir, monkeypatch)
             meta_file.write_text(json.dumps({**json.loads(original), field: value}))
             with pytest.raises(PldistillError, match=f"different {field}"):
                 distill("synthetic", 1, load_params(Path("params.yaml")))
+        result = _run(["distill", "--method", "ce"], run_dir)  # as a user sees it: one line, exit 1
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert result.returncode == 1 and len(lines) == 1 and "different prompt" in lines[0]
     finally:
         meta_file.write_text(original)
 
@@ -233,3 +236,37 @@ def test_export_reloads_with_plain_transformers_and_predicts_the_same(run_dir):
     assert exported.label == original.label == meta["labels"][int(np.argmax(scores))]
     probs = torch.tensor(scores).softmax(-1)
     assert torch.allclose(probs, torch.tensor([exported.probabilities[l] for l in meta["labels"]]), atol=1e-4)
+
+
+def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
+    import shutil
+
+    import pldistill_cli.teacher_cache as teacher_cache
+    from pldistill_cli.config import load_params
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    final = run_dir / "data/runs/synthetic/fold1/cache"
+    reference = pq.ParquetDataset(sorted(final.glob("part-*.parquet"))).read().to_pandas().set_index("id").sort_index()
+    shutil.rmtree(final)
+    write_part, written = teacher_cache._write_part, []
+
+    def dies_after_two(path, rows):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        write_part(path, rows)
+
+    monkeypatch.setattr(teacher_cache, "_write_part", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_cache.build_cache("synthetic", 1, params)
+    assert not final.exists() and len(list((run_dir / "data/work/synthetic/fold1/cache-teacher").glob("part-*"))) == 2
+    resumed_parts = []
+    monkeypatch.setattr(teacher_cache, "_write_part", lambda p, r: (resumed_parts.append(p), write_part(p, r)))
+    teacher_cache.build_cache("synthetic", 1, params)
+    rebuilt = pq.ParquetDataset(sorted(final.glob("part-*.parquet"))).read().to_pandas().set_index("id").sort_index()
+    assert len(resumed_parts) == len(list(final.glob("part-*.parquet"))) - 2  # finished parts were kept
+    assert list(rebuilt.index) == list(reference.index)
+    for column in ("encoder_out", "attention", "topk_logprobs"):
+        for a, b in zip(rebuilt[column], reference[column]):
+            np.testing.assert_allclose(a, b, atol=1e-5)

@@ -1,0 +1,61 @@
+"""Interrupted stages resume: a killed run, re-run, ends exactly where an uninterrupted run ends."""
+
+import pytest
+import torch
+
+from pldistill_cli.training import LoopSettings, train_with_validation
+
+
+class Boom(Exception):
+    pass
+
+
+def _train(work, fail_at_epoch=None, epochs_run=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1))
+    data = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    target = data.sum(1, keepdim=True)
+
+    def batches(epoch):
+        if epoch == fail_at_epoch:
+            raise Boom()
+        if epochs_run is not None:
+            epochs_run.append(epoch + 1)
+        order = torch.randperm(32, generator=torch.Generator().manual_seed(epoch))
+        return [order[i : i + 8] for i in range(0, 32, 8)]
+
+    def step(idx):
+        return {"loss": (model(data[idx]) - target[idx]).square().mean()}
+
+    def validate():
+        model.eval()
+        with torch.no_grad():
+            return -float((model(data) - target).square().mean())
+
+    settings = LoopSettings(epochs=5, lr=0.01, weight_decay=0.0, max_grad_norm=1.0)
+    result = train_with_validation(model, batches, step, validate, settings, 4, work, "fp", "test")
+    return model, result
+
+
+def test_training_resumes_after_an_interruption(tmp_path):
+    reference, ref_result = _train(tmp_path / "a")
+    with pytest.raises(Boom):
+        _train(tmp_path / "b", fail_at_epoch=3)
+    assert (tmp_path / "b" / "state.pt").exists()
+    trained = []
+    resumed, result = _train(tmp_path / "b", epochs_run=trained)
+    assert trained == [4, 5] and [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert result.best_epoch == ref_result.best_epoch and result.best_score == ref_result.best_score
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_changed_setting_starts_training_afresh(tmp_path):
+    with pytest.raises(Boom):
+        _train(tmp_path / "w", fail_at_epoch=2)
+    state = torch.load(tmp_path / "w" / "state.pt", weights_only=False)
+    state["fingerprint"] = "other settings"
+    torch.save(state, tmp_path / "w" / "state.pt")
+    trained = []
+    _train(tmp_path / "w", epochs_run=trained)
+    assert trained == [1, 2, 3, 4, 5]
