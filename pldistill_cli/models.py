@@ -75,6 +75,17 @@ PRESETS = {
         student_llm=dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2),
     ),
+    # The real 30 s encoder window and the paper's proportions (teacher : student parameters about
+    # 7.6 : 1, encoder about 0.56 of the student), small enough to benchmark on a CPU.
+    "small": Preset(
+        name="small",
+        window_seconds=30,
+        encoder=dict(d_model=256, encoder_layers=4, encoder_attention_heads=4, encoder_ffn_dim=1024),
+        teacher_llm=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                         num_key_value_heads=4),
+        student_llm=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2),
+    ),
 }
 
 

@@ -9,8 +9,8 @@ from pldistill_cli.errors import PldistillError
 from pldistill_cli.forward import (PromptLayout, audio_features, capture_audio_attention, encode_audio,
                                    forward_from_encoder, score_labels, step_mask)
 from pldistill_cli.labels import label_set
-from pldistill_cli.models import (assemble_student, build_student_llm, count_parameters, get_preset, load_encoder,
-                                  load_model, save_model)
+from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
+                                  load_encoder, load_model, save_model)
 
 LABELS = label_set("synthetic")
 
@@ -130,3 +130,34 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(PldistillError, match="expected qwen2_audio"):
         load_model(tmp_path)
+
+
+def test_cached_encoder_output_and_projector_weights_reproduce_the_teacher_targets(tiny_teacher):
+    """The compact PDist target (encoder output X plus the projector's W, b) gives the teacher's
+    projector output exactly, so AW-CKA from the cache equals AW-CKA from full teacher features."""
+    from pldistill_cli.losses import aw_cka
+
+    teacher, processor = tiny_teacher
+    with torch.no_grad():
+        encoded, lengths = encode_audio(teacher, *audio_features(processor, _waves()))
+        full = teacher.model.multi_modal_projector(encoded)
+        linear = teacher.model.multi_modal_projector.linear
+        compact = encoded @ linear.weight.T + linear.bias
+    torch.testing.assert_close(compact, full, rtol=1e-6, atol=1e-6)
+    mask = step_mask(lengths, encoded.shape[1])
+    student_features = torch.randn(3, encoded.shape[1], 32)
+    weights = torch.rand(3, encoded.shape[1])
+    torch.testing.assert_close(aw_cka(student_features, compact, weights, mask),
+                               aw_cka(student_features, full, weights, mask), rtol=0, atol=1e-6)
+
+
+def test_small_preset_keeps_the_papers_proportions():
+    preset = get_preset("small")
+    teacher, processor = build_teacher(preset, 0)
+    student = assemble_student(teacher.config.audio_config, teacher.model.audio_tower.state_dict(),
+                               teacher.config.audio_token_index,
+                               build_student_llm(preset, len(processor.tokenizer), 0), 0)
+    ratio = count_parameters(teacher) / count_parameters(student)
+    encoder_share = count_parameters(student.model.audio_tower) / count_parameters(student)
+    assert 7.0 < ratio < 8.2 and 0.5 < encoder_share < 0.62  # paper: about 7.6 and 0.56
+    assert processor.feature_extractor.chunk_length == 30 and teacher.config.audio_config.max_source_positions == 1500
