@@ -82,7 +82,11 @@ class DistillParams:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     device: Device = "auto"
-    train_llm: Literal["full", "frozen"] = "full"
+    train_llm: Literal["full", "frozen", "lora"] = "full"
+    lora_r: int = 8  # LoRA on the LLM's q, k, v, o, gate, up, down (train_llm: lora), as in the paper
+    lora_alpha: int = 256
+    lora_dropout: float = 0.1
+    lora_projector: Literal["full", "lora"] = "full"  # the new projector: fully trainable, or LoRA (paper)
     method: str = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
     loader_workers: int = 0  # DataLoader worker processes reading the cache
 

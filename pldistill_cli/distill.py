@@ -20,8 +20,8 @@ from .forward import PromptLayout, forward_from_encoder, score_labels, step_mask
 from .manifest import manifest_labels
 from .layout import Layout, student_name
 from .losses import answer_cross_entropy, aw_cka, bucketed_kl
-from .models import (assemble_student, build_student_llm, count_parameters, get_preset, load_encoder, read_metadata,
-                     save_model)
+from .models import (add_lora, assemble_student, build_student_llm, count_parameters, get_preset, load_encoder,
+                     read_metadata, save_model)
 from .teacher_cache import CachedTargets, TeacherCache, cache_identity
 from .training import LoopSettings, autocast, finish_work, resolve_device, seed_everything, train_with_validation
 from .ui import console, progress
@@ -173,6 +173,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     if p.train_llm == "frozen":
         student.model.language_model.requires_grad_(False)
         student.lm_head.requires_grad_(False)
+    # LoRA layers are injected into `student` in place; the wrapper is kept only to merge them at the end.
+    lora = add_lora(student, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_projector) if p.train_llm == "lora" else None
     # FitNets' learned adapter maps student projector features to the teacher's width; it trains
     # with the student and is not part of the saved model.
     adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
@@ -209,6 +211,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     result = train_with_validation(trained, batches, step, validate, settings, len(train.batches(p.batch_size)), work,
                                    fingerprint(made_by), f"distill {name} {dataset} fold {fold}")
     summary = {**made_by, "best_epoch": result.best_epoch, "validation_ua": result.best_score, "history": result.history}
+    if lora is not None:
+        lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model
     save_model(student, processor, layout.student(dataset, fold, name), summary)
     finish_work(work)
     console.print(f"{name}: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")

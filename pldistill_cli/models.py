@@ -190,6 +190,26 @@ def assemble_student(
     return student
 
 
+# LoRA as the paper configures it, on every LLM layer, by module path: the audio encoder has q/k/v
+# projections with the same short names and must stay frozen (and shared with the teacher).
+LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def add_lora(model: Qwen2AudioForConditionalGeneration, r: int = 8, alpha: int = 256, dropout: float = 0.1,
+             projector: str = "full"):
+    """Wrap the model with peft LoRA on the LLM's q, k, v, o, gate, up and down projections. The new
+    projector is fully trainable (`projector: full`) or gets LoRA too (`lora`, the paper's option);
+    the audio encoder stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = LLM_LORA_TARGETS
+    if projector == "lora":
+        targets = rf"({targets}|model\.multi_modal_projector\.linear)"
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        modules_to_save=["multi_modal_projector"] if projector == "full" else None)
+    return get_peft_model(model, config)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Parameters counted once per storage (tied or shared weights are not counted twice)."""
     seen, total = set(), 0

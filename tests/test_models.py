@@ -161,3 +161,28 @@ def test_small_preset_keeps_the_papers_proportions():
     encoder_share = count_parameters(student.model.audio_tower) / count_parameters(student)
     assert 7.0 < ratio < 8.2 and 0.5 < encoder_share < 0.62  # paper: about 7.6 and 0.56
     assert processor.feature_extractor.chunk_length == 30 and teacher.config.audio_config.max_source_positions == 1500
+
+
+@pytest.mark.parametrize("projector", ["full", "lora"])
+def test_lora_reaches_every_llm_projection_and_never_the_encoder(tiny_teacher, projector):
+    from pldistill_cli.models import add_lora
+
+    teacher, processor = tiny_teacher
+    student = assemble_student(teacher.config.audio_config, teacher.model.audio_tower.state_dict(),
+                               teacher.config.audio_token_index,
+                               build_student_llm(get_preset("tiny"), len(processor.tokenizer), 0), 0)
+    wrapped = add_lora(student, projector=projector)
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert not any("audio_tower" in n for n in trainable)
+    assert not any("lora" in n for n, _ in student.model.audio_tower.named_parameters())
+    layers = student.config.text_config.num_hidden_layers
+    for module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for ab in ("lora_A", "lora_B"):
+            assert sum(f".{module}.{ab}." in n for n in trainable) == layers, (module, ab)
+    on_projector = [n for n in trainable if "multi_modal_projector" in n]
+    if projector == "full":
+        assert len(on_projector) == 2 and all("modules_to_save" in n for n in on_projector)
+    else:
+        assert len(on_projector) == 2 and all("lora_" in n for n in on_projector)
+    assert len(trainable) == layers * 7 * 2 + 2

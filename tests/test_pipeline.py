@@ -270,3 +270,23 @@ def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
     for column in ("encoder_out", "attention", "topk_logprobs"):
         for a, b in zip(rebuilt[column], reference[column]):
             np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
+    import dataclasses
+
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from pldistill_cli.config import load_params
+    from pldistill_cli.distill import distill
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    params = dataclasses.replace(params, distill=dataclasses.replace(params.distill, train_llm="lora", epochs=1))
+    distill("synthetic", 1, params, method_name="kd", seed=3)
+    saved = run_dir / "data/runs/synthetic/fold1/student-kd-s3"
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(saved)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    teacher = Qwen2AudioForConditionalGeneration.from_pretrained(run_dir / "data/runs/synthetic/fold1/teacher")
+    for name, value in teacher.model.audio_tower.state_dict().items():
+        assert (model.model.audio_tower.state_dict()[name] == value).all(), name
