@@ -29,13 +29,18 @@ from .ui import progress
 UNMATCHED = "<unmatched>"  # a generated answer that names no label (counted as wrong, never mapped to a class)
 
 
+def _recall(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Recall of every class present in `truth` (UA is their mean)."""
+    return {c: float(np.mean(pred[truth == c] == c)) for c in np.unique(truth)}
+
+
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict:
     """WA (accuracy; equals micro-F1 for single-label data), UA (mean per-class recall over the classes
     present), macro-F1 over the classes present, per-class recall, the confusion matrix (rows true,
     columns predicted, in label order) and the number of unmatched answers."""
     present = [l for l in labels if l in set(y_true)]
-    truth, pred = np.asarray(y_true), np.asarray(y_pred)
-    recall = {l: float(np.mean(pred[truth == l] == l)) for l in present}
+    by_class = _recall(np.asarray(y_true), np.asarray(y_pred))
+    recall = {l: by_class[l] for l in present}  # in label order
     return {
         "wa": float(accuracy_score(y_true, y_pred)),
         "ua": float(np.mean(list(recall.values()))) if present else 0.0,
@@ -54,8 +59,7 @@ def bootstrap_ua(y_true: Sequence[str], y_pred: Sequence[str], n: int = 1000, se
     values = []
     for _ in range(n):
         idx = rng.integers(0, len(y_true), len(y_true))
-        t, p = y_true[idx], y_pred[idx]
-        values.append(np.mean([np.mean(p[t == c] == c) for c in np.unique(t)]))
+        values.append(np.mean(list(_recall(y_true[idx], y_pred[idx]).values())))
     return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
 
 

@@ -33,7 +33,8 @@ class Predictor:
 
     def __init__(self, model_dir: Path, device: str = "auto"):
         self.device = resolve_device(device)
-        self.model, self.processor = load_model(model_dir, self.device)
+        self.model, self.processor = load_model(
+            model_dir, self.device, "run `dvc repro` (or `pldistill distill`) first, or pass --model")
         labels = read_metadata(model_dir).get("labels")
         if not labels:
             raise PldistillError(f"{model_dir}: {METADATA_FILE} records no label set; use a pldistill model folder")
@@ -62,8 +63,6 @@ class Predictor:
 
 
 def predict_files(paths: list[Path], model_dir: Path, device: str = "auto") -> list[Prediction]:
-    if not (model_dir / "config.json").exists():
-        raise PldistillError(f"{model_dir}: no model here; run `dvc repro` (or `pldistill distill`) first, or pass --model")
     predictor = Predictor(model_dir, device)
     return [predictor.predict(Path(p)) for p in paths]
 

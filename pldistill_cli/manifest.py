@@ -35,7 +35,6 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 LABELS_KEY = b"pldistill.labels"  # the dataset's label words, in prompt order, in the Parquet metadata
-SPLITS = ("train", "validation", "test")
 
 
 def validate_manifest(df: pd.DataFrame, where: str, labels: tuple[str, ...] | None = None) -> None:

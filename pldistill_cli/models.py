@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,6 @@ class Preset:
     teacher_llm: dict[str, Any]
     student_llm: dict[str, Any]
     vocab_size: int = 400
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS = {
@@ -152,13 +151,8 @@ def load_encoder(teacher_dir: Path) -> tuple[Qwen2AudioEncoderConfig, dict[str, 
     """The teacher's audio encoder (config, weights) and audio token id, read from its folder without
     loading the teacher's LLM (checkpoints store the encoder under `audio_tower.`)."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
-    if not (teacher_dir / "config.json").exists():
-        raise PldistillError(f"{teacher_dir}: no teacher here (config.json missing); run `pldistill train-teacher` first")
-    config = AutoConfig.from_pretrained(teacher_dir)
-    if config.model_type != "qwen2_audio":
-        raise PldistillError(f"{teacher_dir}: a `{config.model_type}` checkpoint, expected qwen2_audio (Qwen2-Audio)")
+    config = qwen2_audio_config(teacher_dir, "run `pldistill train-teacher` first")
     weights = {}
     for file in sorted(teacher_dir.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
@@ -258,15 +252,24 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def load_model(folder: Path, device: torch.device | str = "cpu") -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
-    """Load a saved model and its processor; a missing folder or another architecture is a one-line error."""
-    from transformers import AutoConfig, AutoProcessor
+def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):
+    """The folder's config; a missing folder or another architecture is a one-line error."""
+    from transformers import AutoConfig
 
     if not (folder / "config.json").exists():
-        raise PldistillError(f"{folder}: no model here (config.json missing); run the stage that makes it first")
+        raise PldistillError(f"{folder}: no model here (config.json missing); {missing_hint}")
     config = AutoConfig.from_pretrained(folder)
     if config.model_type != "qwen2_audio":
         raise PldistillError(f"{folder}: a `{config.model_type}` checkpoint, expected qwen2_audio (Qwen2-Audio)")
+    return config
+
+
+def load_model(folder: Path, device: torch.device | str = "cpu",
+               missing_hint: str = "run the stage that makes it first") -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+    """Load a saved model and its processor; a missing folder or another architecture is a one-line error."""
+    from transformers import AutoProcessor
+
+    qwen2_audio_config(folder, missing_hint)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(folder).to(device)
     model.eval()
     return model, AutoProcessor.from_pretrained(folder)

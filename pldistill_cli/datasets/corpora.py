@@ -164,46 +164,57 @@ def _missing_audio(where: Path, first: str, rule: str) -> PldistillError:
 # ----------------------------------------------------------------------------------- built-in corpora
 
 
+def _scan_names(root: Path, suffixes: tuple[str, ...], advance: Advance, n_folds: int,
+                parse: Callable[[Path], "tuple[str, str, str, int] | str"]) -> tuple[list[SourceItem], Counter]:
+    """Corpora whose file names say everything: `parse` turns a file into (utt_id, speaker, label,
+    fold), or into the reason it is left out; repeated names are counted, validation is previous_fold."""
+    found: dict[str, SourceItem] = {}
+    excluded: Counter = Counter()
+    for path in _walk(root):
+        if path.suffix.lower() not in suffixes:
+            continue
+        advance()
+        parsed = parse(path)
+        if isinstance(parsed, str):
+            excluded[parsed] += 1
+        elif parsed[0] in found:
+            excluded["duplicate file name"] += 1
+        else:
+            utt_id, speaker, label, fold = parsed
+            found[utt_id] = SourceItem(utt_id, speaker, label, path, fold, previous_fold(fold, n_folds))
+    return list(found.values()), excluded
+
+
 class RavdessAdapter:
     """RAVDESS speech as distributed (Actor_XX folders, flat, or the zip's nesting): audio-only
     speech (modality 03, vocal channel 01), 1440 clips in 6 folds of 4 actors."""
 
     name = "ravdess"
 
+    @staticmethod
+    def _parse(path: Path) -> tuple[str, str, str, int] | str:
+        m = _RAVDESS_NAME.fullmatch(path.stem)
+        if not m or m[1] not in ("01", "02", "03") or m[2] not in ("01", "02"):
+            return "unrecognised name"
+        modality, vocal, emotion, *_, actor = m.groups()
+        if modality != "03":
+            return "video (modality 01/02)"
+        if vocal != "01":
+            return "song (vocal channel 02)"
+        if emotion not in RAVDESS_CODES:
+            raise PldistillError(f"{path}: emotion code {emotion} is not a RAVDESS code (01-08); remove the file")
+        if int(actor) not in _RAVDESS_FOLD:
+            raise PldistillError(f"{path}: actor {actor} is not a RAVDESS actor (01-24); remove the file")
+        return f"ravdess-{path.stem}", f"Actor_{actor}", RAVDESS_CODES[emotion], _RAVDESS_FOLD[int(actor)]
+
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Advance) -> Collected:
         root = _root(dataset, corpus)
-        found: dict[str, SourceItem] = {}
-        excluded: Counter = Counter()
-        for path in _walk(root):
-            if path.suffix.lower() not in (".wav", ".mp4"):  # the corpus's audio and video files
-                continue
-            advance()
-            m = _RAVDESS_NAME.fullmatch(path.stem)
-            if not m or m[1] not in ("01", "02", "03") or m[2] not in ("01", "02"):
-                excluded["unrecognised name"] += 1
-                continue
-            modality, vocal, emotion, *_, actor = m.groups()
-            if modality != "03":
-                excluded["video (modality 01/02)"] += 1
-                continue
-            if vocal != "01":
-                excluded["song (vocal channel 02)"] += 1
-                continue
-            if emotion not in RAVDESS_CODES:
-                raise PldistillError(f"{path}: emotion code {emotion} is not a RAVDESS code (01-08); remove the file")
-            if int(actor) not in _RAVDESS_FOLD:
-                raise PldistillError(f"{path}: actor {actor} is not a RAVDESS actor (01-24); remove the file")
-            utt_id = f"ravdess-{path.stem}"
-            if utt_id in found:
-                excluded["duplicate file name"] += 1
-                continue
-            fold = _RAVDESS_FOLD[int(actor)]
-            found[utt_id] = SourceItem(utt_id, f"Actor_{actor}", RAVDESS_CODES[emotion], path, fold,
-                                       previous_fold(fold, len(RAVDESS_FOLDS)))
-        if not found:
+        # the corpus's audio and video files (video is counted as left out)
+        items, excluded = _scan_names(root, (".wav", ".mp4"), advance, len(RAVDESS_FOLDS), self._parse)
+        if not items:
             raise _nothing_found(root, "RAVDESS speech files (03-01-EE-II-SS-RR-AA.wav)", excluded)
-        return Collected(list(found.values()), LABEL_SETS["ravdess"], dict(excluded))
+        return Collected(items, LABEL_SETS["ravdess"], dict(excluded))
 
 
 class SaveeAdapter:
@@ -212,34 +223,25 @@ class SaveeAdapter:
 
     name = "savee"
 
+    @staticmethod
+    def _parse(path: Path) -> tuple[str, str, str, int] | str:
+        flat = _SAVEE_FLAT.fullmatch(path.stem)
+        nested = re.fullmatch(_SAVEE_CODE, path.stem) if path.parent.name in SAVEE_FOLDS else None
+        if flat:
+            speaker, code, number = flat.groups()
+        elif nested:
+            speaker, (code, number) = path.parent.name, nested.groups()
+        else:
+            return "unrecognised name"
+        return f"savee-{speaker}-{code}{number}", speaker, SAVEE_CODES[code], SAVEE_FOLDS[speaker]
+
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Advance) -> Collected:
         root = _root(dataset, corpus)
-        found: dict[str, SourceItem] = {}
-        excluded: Counter = Counter()
-        for path in _walk(root):
-            if path.suffix.lower() != ".wav":
-                continue
-            advance()
-            flat = _SAVEE_FLAT.fullmatch(path.stem)
-            nested = re.fullmatch(_SAVEE_CODE, path.stem) if path.parent.name in SAVEE_FOLDS else None
-            if flat:
-                speaker, code, number = flat.groups()
-            elif nested:
-                speaker, (code, number) = path.parent.name, nested.groups()
-            else:
-                excluded["unrecognised name"] += 1
-                continue
-            utt_id = f"savee-{speaker}-{code}{number}"
-            if utt_id in found:
-                excluded["duplicate file name"] += 1
-                continue
-            fold = SAVEE_FOLDS[speaker]
-            found[utt_id] = SourceItem(utt_id, speaker, SAVEE_CODES[code], path, fold,
-                                       previous_fold(fold, len(SAVEE_FOLDS)))
-        if not found:
+        items, excluded = _scan_names(root, (".wav",), advance, len(SAVEE_FOLDS), self._parse)
+        if not items:
             raise _nothing_found(root, "SAVEE files (AudioData/DC/a01.wav or DC_a01.wav)", excluded)
-        return Collected(list(found.values()), LABEL_SETS["savee"], dict(excluded))
+        return Collected(items, LABEL_SETS["savee"], dict(excluded))
 
 
 class IemocapAdapter:
