@@ -49,17 +49,31 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
+    # tiny | small | paper: built from configs (random init); hub: real checkpoints (below)
     preset: str = "tiny"
+    teacher: str = "Qwen/Qwen2-Audio-7B-Instruct"  # hub id or local folder (preset hub)
+    teacher_revision: str = "main"  # branch, tag or commit; the resolved commit is recorded
+    student_llm: str = "Qwen/Qwen2-0.5B-Instruct"  # the student's LLM: hub id or local folder (preset hub)
+    student_llm_revision: str = "main"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights: auto = bf16 teacher on CUDA, fp32 otherwise
+    gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory)
 
 
 @dataclass(frozen=True)
 class TrainTeacherParams:
+    # full: train every weight from the preset's random init (tiny, small); lora: peft LoRA on the
+    # LLM of a real checkpoint (encoder and projector frozen); zero-shot: use the checkpoint as is
+    mode: Literal["full", "lora", "zero-shot"] = "full"
     epochs: int = 40
-    batch_size: int = 16
+    batch_size: int = 16  # per process (GPU)
+    grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     device: Device = "auto"
+    lora_r: int = 8
+    lora_alpha: int = 256
+    lora_dropout: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,9 @@ class CacheParams:
     attention_layer: int = -1
     top_k: int = 16
     temperature: float = 2.0
+    # PDist targets: linear = the teacher projector's W and b once (exact, from the shared encoder
+    # output); gram = each clip's raw Gram K = Z Z^T of the teacher's projector output [T, T]
+    projector_targets: Literal["linear", "gram"] = "linear"
     batch_size: int = 16
     device: Device = "auto"
 
@@ -76,7 +93,7 @@ class DistillParams:
     lambda_p: float = 1.0
     lambda_l: float = 1.0
     epochs: int = 20
-    batch_size: int = 16
+    batch_size: int = 16  # per process (GPU)
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -104,6 +121,11 @@ class EvaluateParams:
 class Params:
     seed: int = 42
     cpu_threads: int = 2
+    # How dvc.yaml starts train-teacher, cache-teacher and distill: `pldistill` (one process) or a
+    # launcher, e.g. `torchrun --standalone --nproc-per-node 4 -m pldistill_cli` (one process per GPU).
+    launcher: str = "pldistill"
+    # processes a stage expects (torchrun / accelerate launch); 0 = as many as were started
+    world_size: int = 0
     datasets: tuple[str, ...] = ("synthetic",)
     folds: tuple[int, ...] = (1,)
     methods: tuple[str, ...] = ("pl-distill",)

@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 from .config import Params
 from .data import AudioClips, AudioCollate, length_sorted_batches, text_batch
 from .errors import PldistillError
-from .forward import PromptLayout, encode_audio, forward_from_encoder, forward_with_audio_attention, score_labels
+from .forward import CACHE, PromptLayout, encode_audio, forward_from_encoder, forward_with_audio_attention, score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels, read_manifest, select_split
-from .models import count_parameters, load_model, read_metadata
+from .models import count_parameters, load_model, read_metadata, weights_dtype
 from .training import autocast, resolve_device
 from .ui import progress
 
@@ -140,9 +140,9 @@ def generate_answer(model, prompt: PromptLayout, encoded: torch.Tensor, lengths:
         out.append(token)
         step = torch.tensor([[token]], device=encoded.device)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-        hidden = model.model.language_model(input_ids=step, attention_mask=mask, cache=cache, use_cache=True,
+        hidden = model.model.language_model(input_ids=step, attention_mask=mask, use_cache=True, **{CACHE: cache},
                                             position_ids=torch.tensor([[mask.shape[1] - 1]], device=encoded.device))
-        logits, cache = model.lm_head(hidden.last_hidden_state), hidden.cache
+        logits, cache = model.lm_head(hidden.last_hidden_state), getattr(hidden, CACHE)
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
@@ -194,7 +194,7 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
     labels = manifest_labels(layout.manifest(dataset))
     test = select_split(read_manifest(layout.manifest(dataset)), fold, "test")
     device = resolve_device(p.device)
-    model, processor = load_model(folder, device)
+    model, processor = load_model(folder, device, dtype=weights_dtype(params.model.dtype, device, frozen=True))
     prompt = PromptLayout.from_processor(processor, labels)
     scored = predict_audio(model, processor, prompt, test, p.batch_size, device, f"evaluate {name}", p.scoring,
                            p.max_new_tokens)

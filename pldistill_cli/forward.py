@@ -3,6 +3,7 @@ LLM on top of (cached) encoder output, attention capture at one layer, and label
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -12,11 +13,15 @@ import torch
 from torch import Tensor
 from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, repeat_kv
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, apply_rotary_pos_emb, repeat_kv
 
 from .errors import PldistillError
 from .labels import SYSTEM_PROMPT, user_prompt
 from .models import AUDIO_TOKEN, END_OF_TURN
+
+# The LLM's KV-cache keyword and output field: `past_key_values` up to transformers 5.23 (the GPU
+# image has 5.17), `cache` from 5.24 (which accepts `past_key_values` until 5.40, deprecated).
+CACHE = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -94,10 +99,12 @@ def forward_from_encoder(
     lengths: Tensor,
     input_ids: Tensor,
     attention_mask: Tensor,
+    logits: bool = True,
     **llm_kwargs,
 ) -> tuple[Tensor, Tensor, object]:
-    """Logits [B, S, V], projector output [B, T_max, D_llm] and the KV cache, from encoder output.
-    Equals the model's own forward on the audio (tested); works with left or right padding."""
+    """Logits [B, S, V] (or, with logits=False, the LLM's last hidden states [B, S, D]), projector
+    output [B, T_max, D_llm] and the KV cache, from encoder output. Equals the model's own forward
+    on the audio (tested); works with left or right padding."""
     projected = model.model.multi_modal_projector(encoded)
     embeds = model.model.get_input_embeddings()(input_ids)
     audio_slots = input_ids == model.config.audio_token_id
@@ -107,7 +114,8 @@ def forward_from_encoder(
     embeds = embeds.masked_scatter(audio_slots[..., None], audio.to(embeds.dtype))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **llm_kwargs)
-    return model.lm_head(out.last_hidden_state), projected, out.cache
+    hidden = out.last_hidden_state
+    return model.lm_head(hidden) if logits else hidden, projected, getattr(out, CACHE)
 
 
 @contextmanager
@@ -157,16 +165,16 @@ def capture_audio_attention(
 
 
 def forward_with_audio_attention(model, prompt: PromptLayout, encoded: Tensor, lengths: Tensor, input_ids: Tensor,
-                                 attention_mask: Tensor, layer: int) -> tuple[Tensor, list[Tensor]]:
-    """Logits of a right-padded batch, and each clip's attention weights over its T audio steps:
-    from the prompt's text queries after the audio (before any answer), at LLM `layer`."""
+                                 attention_mask: Tensor, layer: int, logits: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Logits (or last hidden states) of a right-padded batch, and each clip's attention weights over
+    its T audio steps: from the prompt's text queries after the audio (before any answer), at LLM `layer`."""
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     prompt_len = torch.tensor([len(prompt.prompt_ids(int(t))) for t in lengths], device=input_ids.device)
     audio_mask = input_ids == prompt.audio_token_id
     query_mask = (pos >= len(prompt.prefix) + lengths[:, None]) & (pos < prompt_len[:, None])
     with capture_audio_attention(model, layer, query_mask, audio_mask, attention_mask) as captured:
-        logits, _, _ = forward_from_encoder(model, encoded, lengths, input_ids, attention_mask)
-    return logits, [captured["weights"][i][audio_mask[i]].float() for i in range(len(lengths))]
+        out, _, _ = forward_from_encoder(model, encoded, lengths, input_ids, attention_mask, logits)
+    return out, [captured["weights"][i][audio_mask[i]].float() for i in range(len(lengths))]
 
 
 @torch.no_grad()
@@ -203,7 +211,7 @@ def score_labels(
     full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(cand_ids)], dim=1)
     positions = mask.sum(-1).repeat_interleave(n)[:, None] + torch.arange(answer_width, device=device)[None]
     out = model.model.language_model(
-        input_ids=cand_ids, attention_mask=full_mask, position_ids=positions, cache=cache, use_cache=True
+        input_ids=cand_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, **{CACHE: cache}
     )
     logp = model.lm_head(out.last_hidden_state).float().log_softmax(-1)  # [b*n, W, V]
     # token t of the answer is predicted at step t-1 of the candidate pass (step -1 = the prompt pass)

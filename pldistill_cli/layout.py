@@ -39,6 +39,10 @@ class Layout:
     def student(self, dataset: str, fold: int, name: str) -> Path:
         return self.run(dataset, fold) / name
 
+    def encoded(self, dataset: str, key: str) -> Path:
+        """The corpus's encoder outputs under one encoder and preprocessing (`key`): shared by its folds."""
+        return self.data / "encoded" / dataset / key
+
     def work(self, dataset: str, fold: int, stage: str) -> Path:
         """Resumable state of an interrupted stage; DVC never deletes it (persistent output)."""
         return self.data / "work" / dataset / f"fold{fold}" / stage

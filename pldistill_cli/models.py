@@ -85,6 +85,17 @@ PRESETS = {
         student_llm=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2),
     ),
+    # The paper's sizes with random weights (Qwen2-Audio-7B's encoder and LLM, Qwen2-0.5B as the
+    # student LLM), for GPU memory and speed checks without downloading checkpoints.
+    "paper": Preset(
+        name="paper",
+        window_seconds=30,
+        encoder=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120),
+        teacher_llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=156032, rope_theta=10000.0),
+        student_llm=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0, tie_word_embeddings=True),
+    ),
 }
 
 
@@ -94,26 +105,26 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on the prompts and label words, with Qwen's special tokens."""
+def build_tokenizer(vocab_size: int, audio_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on the prompts and label words, with Qwen's special tokens.
+    As in Qwen2-Audio, the audio tokens come after the text vocabulary (a text LLM's tokenizer,
+    `audio_tokens=False`, agrees with it on every id it has)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    text_specials = [t for t in SPECIAL_TOKENS if t not in (AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=text_specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     texts = [SYSTEM_PROMPT, "system user assistant Audio 1:"]
     texts += [user_prompt(labels) for labels in LABEL_SETS.values()]
     texts += [" ".join(labels) for labels in LABEL_SETS.values()]
     tok.train_from_iterator(texts * 8, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=END_OF_TURN,
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-    )
+    specials = [t for t in SPECIAL_TOKENS[1:] if audio_tokens or t in text_specials]
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END_OF_TURN, pad_token="<|endoftext|>",
+                                   additional_special_tokens=specials)
 
 
 def build_processor(preset: Preset) -> Qwen2AudioProcessor:
@@ -125,7 +136,8 @@ def build_processor(preset: Preset) -> Qwen2AudioProcessor:
 
 
 def _llm_config(spec: dict[str, Any], vocab_size: int) -> Qwen2Config:
-    return Qwen2Config(vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=False, **spec)
+    """A preset's LLM config; the spec may widen the vocabulary beyond the tokenizer's (as real checkpoints do)."""
+    return Qwen2Config(**{"vocab_size": vocab_size, "max_position_embeddings": 2048, "tie_word_embeddings": False, **spec})
 
 
 def build_teacher(preset: Preset, seed: int) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
@@ -148,19 +160,22 @@ def build_student_llm(preset: Preset, vocab_size: int, seed: int) -> Qwen2ForCau
 
 
 def load_encoder(teacher_dir: Path) -> tuple[Qwen2AudioEncoderConfig, dict[str, torch.Tensor], int]:
-    """The teacher's audio encoder (config, weights) and audio token id, read from its folder without
+    """The teacher's audio encoder (config, weights) and audio token id, read from its files without
     loading the teacher's LLM (checkpoints store the encoder under `audio_tower.`)."""
     from safetensors import safe_open
 
-    config = qwen2_audio_config(teacher_dir, "run `pldistill train-teacher` first")
+    files = model_files(teacher_dir, "run `pldistill train-teacher` first")
+    config = qwen2_audio_config(files)
     weights = {}
-    for file in sorted(teacher_dir.glob("*.safetensors")):
+    for file in sorted(files.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
-                if key.startswith("audio_tower."):
-                    weights[key.removeprefix("audio_tower.")] = f.get_tensor(key)
+                # transformers 5 names them model.audio_tower.*, earlier checkpoints audio_tower.*
+                name = key.removeprefix("model.")
+                if name.startswith("audio_tower."):
+                    weights[name.removeprefix("audio_tower.")] = f.get_tensor(key)
     if not weights:
-        raise PldistillError(f"{teacher_dir}: no audio_tower weights found in its safetensors files")
+        raise PldistillError(f"{files}: no audio_tower weights found in its safetensors files")
     return config.audio_config, weights, config.audio_token_index
 
 
@@ -179,7 +194,12 @@ def assemble_student(
     student = Qwen2AudioForConditionalGeneration(config)
     student.model.audio_tower.load_state_dict(encoder_weights)
     student.model.language_model.load_state_dict(llm.model.state_dict())
-    student.lm_head.load_state_dict(llm.lm_head.state_dict())
+    if llm.config.tie_word_embeddings:
+        # The container never ties lm_head to the embeddings itself: share them as the LLM does
+        # (saved as two equal tensors, see save_model).
+        student.lm_head.weight = student.model.language_model.embed_tokens.weight
+    else:
+        student.lm_head.load_state_dict(llm.lm_head.state_dict())
     student.model.audio_tower.requires_grad_(False)
     return student
 
@@ -191,9 +211,9 @@ LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_p
 
 def add_lora(model: Qwen2AudioForConditionalGeneration, r: int = 8, alpha: int = 256, dropout: float = 0.1,
              projector: str = "full"):
-    """Wrap the model with peft LoRA on the LLM's q, k, v, o, gate, up and down projections. The new
-    projector is fully trainable (`projector: full`) or gets LoRA too (`lora`, the paper's option);
-    the audio encoder stays frozen."""
+    """Wrap the model with peft LoRA on the LLM's q, k, v, o, gate, up and down projections. The
+    projector is fully trainable (`projector: full`), gets LoRA too (`lora`, the paper's option for
+    the student) or stays frozen (`frozen`, the teacher); the audio encoder always stays frozen."""
     from peft import LoraConfig, get_peft_model
 
     targets = LLM_LORA_TARGETS
@@ -231,20 +251,81 @@ def weights_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, metadata: dict[str, Any]) -> None:
-    """save_pretrained into a temporary folder, then swap it in: readers see the old model or the new."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    metadata = {**metadata, "weights": weights_fingerprint(tmp)}
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by `tmp`: readers see the old folder or the new, never half of one."""
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh(folder: Path) -> Path:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, metadata: dict[str, Any]) -> None:
+    """save_pretrained into a temporary folder, then swap it in. Tied output and input embeddings
+    are written as two equal tensors: the container has no tied-weight declaration, so plain
+    transformers loads them back correctly only that way."""
+    tmp = _fresh(folder)
+    head, embed = model.lm_head, model.model.language_model.embed_tokens
+    tied = head.weight is embed.weight
+    if tied:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+    try:
+        model.save_pretrained(tmp)
+    finally:
+        if tied:
+            head.weight = embed.weight
+    processor.save_pretrained(tmp)
+    metadata = {**metadata, "weights": weights_fingerprint(tmp)}
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    _swap_in(tmp, folder)
+
+
+def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Any, metadata: dict[str, Any],
+                   adapter: Any = None) -> None:
+    """A model kept as a pointer to a checkpoint (`base`, a checkpoints.Checkpoint) plus, if given, a
+    peft LoRA adapter: no copy of the checkpoint's weights. load_model resolves it."""
+    tmp = _fresh(folder)
+    tmp.mkdir(parents=True)
+    if adapter is not None:
+        adapter.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    weights = json.dumps([base.source, base.revision, weights_fingerprint(tmp)])
+    metadata = {**metadata, "base": {"source": base.source, "revision": base.revision, "path": str(base.path)},
+                "weights": hashlib.sha256(weights.encode()).hexdigest()[:16]}
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
+    _swap_in(tmp, folder)
+
+
+def model_files(folder: Path, missing_hint: str = "run the stage that makes it first") -> Path:
+    """The folder holding a saved model's config and weights: the folder itself, or for a model kept
+    as a reference (save_reference), the checkpoint it names, checked to be the same revision."""
+    base = read_metadata(folder).get("base")
+    if (folder / "config.json").exists() or not base:
+        qwen2_audio_config(folder, missing_hint)
+        return folder
+    from .checkpoints import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(base["source"], base["revision"], f"{folder}: base checkpoint")
+    if checkpoint.revision != base["revision"]:
+        raise PldistillError(f"{folder}: its checkpoint `{base['source']}` changed since it was made (revision "
+                             f"{checkpoint.revision}, recorded {base['revision']}); re-run the stage that made it")
+    qwen2_audio_config(checkpoint.path)
+    return checkpoint.path
+
+
+def weights_dtype(setting: str, device: torch.device, frozen: bool) -> torch.dtype:
+    """bf16 when asked, or by default for frozen (inference-only) weights on a GPU; fp32 otherwise
+    (trained weights stay fp32 under bf16 autocast)."""
+    if setting == "bf16" or (setting == "auto" and frozen and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
 
 
 def read_metadata(folder: Path) -> dict[str, Any]:
@@ -265,11 +346,17 @@ def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that mak
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu",
-               missing_hint: str = "run the stage that makes it first") -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
-    """Load a saved model and its processor; a missing folder or another architecture is a one-line error."""
+               missing_hint: str = "run the stage that makes it first",
+               dtype: torch.dtype = torch.float32) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+    """Load a saved model (or a reference to a checkpoint, with its LoRA adapter merged) and its
+    processor; a missing folder or another architecture is a one-line error."""
     from transformers import AutoProcessor
 
-    qwen2_audio_config(folder, missing_hint)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder).to(device)
-    model.eval()
+    files = model_files(folder, missing_hint)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(files, dtype=dtype)
+    if (folder / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    model.to(device).eval()
     return model, AutoProcessor.from_pretrained(folder)

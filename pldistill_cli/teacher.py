@@ -1,19 +1,28 @@
-"""train-teacher: train the teacher on a fold's training split, keep the best on validation."""
+"""train-teacher: the teacher of a fold, in one of three modes (train_teacher.mode):
+full       trained from the preset's random init on the fold's training split (tiny, small);
+lora       a real checkpoint (model.preset hub) fine-tuned with peft LoRA on its LLM, the audio
+           encoder and projector frozen; saved as the adapter plus a reference to the checkpoint;
+zero-shot  a real checkpoint used as is; saved as a reference to it.
+Training keeps the epoch that scores best on the validation split."""
 
 from __future__ import annotations
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+from .checkpoints import checked_config, resolve_checkpoint
 from .config import Params, fingerprint
 from .data import AudioClips, AudioCollate, text_batch
+from .errors import PldistillError
 from .evaluation import classification_metrics, predict_audio
 from .forward import PromptLayout, encode_audio, forward_from_encoder
 from .layout import Layout
 from .losses import answer_cross_entropy
 from .manifest import manifest_labels, read_manifest, select_split
-from .models import build_teacher, count_parameters, get_preset, save_model
-from .training import LoopSettings, autocast, finish_work, resolve_device, seed_everything, train_with_validation
+from .models import add_lora, build_teacher, count_parameters, get_preset, save_model, save_reference, weights_dtype
+from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
+                       shuffled_batches, start_processes, train_with_validation)
 from .ui import console
 
 
@@ -23,23 +32,53 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     train = select_split(manifest, fold, "train")
     validation = select_split(manifest, fold, "validation")
     p = params.train_teacher
-    seed_everything(params.seed)
-    preset = get_preset(params.model.preset)
-    model, processor = build_teacher(preset, params.seed)
     device = resolve_device(p.device)
+    processes = start_processes(device, params.world_size)
+    seed_everything(params.seed)
+    made_by = {"stage": "train-teacher", "mode": p.mode, "dataset": dataset, "fold": fold, "labels": list(labels),
+               "preset": params.model.preset, "seed": params.seed,
+               "params": {"train_teacher": params.section("train_teacher"), "model": params.section("model")}}
+    folder = layout.teacher(dataset, fold)
+    base = None
+    if params.model.preset == "hub":
+        if p.mode == "full":
+            raise PldistillError("params.yaml: train_teacher.mode full trains a teacher from random weights; with "
+                                 "model.preset hub use lora or zero-shot")
+        base = resolve_checkpoint(params.model.teacher, params.model.teacher_revision, "model.teacher")
+        checked_config(base, "qwen2_audio", "model.teacher")
+        made_by["checkpoint"] = {"source": base.source, "revision": base.revision}
+        processor = AutoProcessor.from_pretrained(base.path)
+        made_by["prompt"] = PromptLayout.from_processor(processor, labels).text
+        if p.mode == "zero-shot":
+            if processes.is_main_process:
+                save_reference(folder, processor, base, made_by)
+            console.print(f"teacher: {base.source} at {base.revision}, zero-shot")
+            return made_by
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
+    elif p.mode == "full":
+        model, processor = build_teacher(get_preset(params.model.preset), params.seed)
+    else:
+        raise PldistillError(f"params.yaml: train_teacher.mode {p.mode} needs a real checkpoint (model.preset hub); "
+                             f"the {params.model.preset} preset's teacher is random, use full")
     model.to(device)
+    if params.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = add_lora(model, p.lora_r, p.lora_alpha, p.lora_dropout, projector="frozen") if p.mode == "lora" else None
     prompt = PromptLayout.from_processor(processor, labels)
-    console.print(f"teacher ({preset.name}): {count_parameters(model):,} parameters; "
-                  f"{len(train)} train / {len(validation)} validation clips")
+    made_by["prompt"] = prompt.text
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    console.print(f"teacher ({params.model.preset}, {p.mode}): {count_parameters(model):,} parameters, "
+                  f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation clips")
 
     clips = AudioClips(train)
     collate = AudioCollate(processor)
 
     def batches(epoch: int):
-        shuffle = torch.Generator().manual_seed(params.seed + epoch)
-        return DataLoader(clips, batch_size=p.batch_size, shuffle=True, generator=shuffle, collate_fn=collate)
+        own = shard(shuffled_batches(len(clips), p.batch_size, params.seed + epoch), processes)
+        return DataLoader(clips, batch_sampler=own, collate_fn=collate)
 
-    def step(batch) -> dict[str, torch.Tensor]:
+    def terms(batch) -> dict[str, torch.Tensor]:
         text = text_batch(prompt, batch.n_audio.tolist(), train["label"].iloc[batch.rows].tolist()).to(device)
         with autocast(device):
             encoded, lengths = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
@@ -50,17 +89,19 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         scored = predict_audio(model, processor, prompt, validation, p.batch_size, device, "validate")
         return classification_metrics(validation["label"].tolist(), scored.predictions, labels)["ua"]
 
-    made_by = {"stage": "train-teacher", "dataset": dataset, "fold": fold, "labels": list(labels),
-               "prompt": prompt.text, "preset": preset.name,
-               "seed": params.seed, "params": {"train_teacher": params.section("train_teacher"),
-                                               "model": params.section("model")}}
     work = layout.work(dataset, fold, "train-teacher")
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm)
-    result = train_with_validation(model, batches, step, validate, settings, len(batches(0)), work,
-                                   fingerprint(made_by), f"train teacher {dataset} fold {fold}")
+    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
+    result = train_with_validation(TrainingStep({"teacher": model}, terms), batches, validate, settings,
+                                   len(batches(0)), work, fingerprint(made_by),
+                                   f"train teacher {dataset} fold {fold}")
     summary = {**made_by, "best_epoch": result.best_epoch, "validation_ua": result.best_score,
                "history": result.history}
-    save_model(model, processor, layout.teacher(dataset, fold), summary)
-    finish_work(work)
+    if processes.is_main_process:
+        if lora is not None:
+            save_reference(folder, processor, base, summary, adapter=lora)
+        else:
+            save_model(model, processor, folder, summary)
+        finish_work(work)
+    processes.wait_for_everyone()
     console.print(f"teacher: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")
     return summary

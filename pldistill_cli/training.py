@@ -1,9 +1,11 @@
 """The training loop shared by train-teacher and distill: AdamW, cosine schedule, gradient
-accumulation, clipping, bf16 autocast on CUDA, selection on the validation split, and resumption
-from a per-epoch state kept in a work folder that DVC does not delete."""
+accumulation, clipping, bf16 autocast on CUDA, selection on the validation split, resumption
+from a per-epoch state kept in a work folder that DVC does not delete, and data parallelism over
+the processes that torchrun or `accelerate launch` started (accelerate's DDP)."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from contextlib import nullcontext
@@ -20,11 +22,40 @@ from .ui import progress
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device of this process: with several processes on CUDA, the GPU of its local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise PldistillError("device `cuda` requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def start_processes(device: torch.device, world_size: int = 0):
+    """This process's place in the run (accelerate's PartialState: process_index, num_processes,
+    wait_for_everyone). Under torchrun or `accelerate launch` it joins the process group (NCCL on
+    GPUs, gloo on CPU); started plainly it is the only process. `world_size` > 0 is the number of
+    processes the run expects: any other count is an error, not a silently repeated run."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device.type == "cpu")
+    if world_size and state.num_processes != world_size:
+        raise PldistillError(
+            f"params.yaml: world_size is {world_size} but {state.num_processes} process(es) started; launch with "
+            f"`torchrun --nproc-per-node {world_size} -m pldistill_cli ...` or set world_size: 0")
+    return state
+
+
+def shard(batches: list[list[int]], state) -> list[list[int]]:
+    """This process's share of an epoch's batches: every process gets the same number of whole
+    batches (DDP needs equal steps); the at most num_processes - 1 left over are dropped."""
+    n = state.num_processes
+    return batches[state.process_index :: n][: len(batches) // n] if n > 1 else batches
+
+
+def shuffled_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The batches a shuffling DataLoader with a generator seeded `seed` would draw."""
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
 
 def autocast(device: torch.device):
@@ -60,10 +91,22 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names}
 
 
+class TrainingStep(torch.nn.Module):
+    """The trained modules and the function computing their loss terms for a batch, as one module,
+    so that DDP sees the forward pass it synchronises gradients for."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], terms: Callable[[object], dict[str, torch.Tensor]]):
+        super().__init__()
+        self.parts = torch.nn.ModuleDict(modules)
+        self.terms = terms
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        return self.terms(batch)
+
+
 def train_with_validation(
-    model: torch.nn.Module,
+    model: TrainingStep,
     batches: Callable[[int], Iterable],
-    step: Callable[[object], dict[str, torch.Tensor]],
     validate: Callable[[], float],
     settings: LoopSettings,
     steps_per_epoch: int,
@@ -73,10 +116,17 @@ def train_with_validation(
 ) -> LoopResult:
     """Train the model's trainable parameters; keep the weights that score best on validation.
 
-    `batches(epoch)` yields the epoch's batches, `step(batch)` returns the loss terms with the total
-    under "loss", `validate()` scores the model (higher is better). State is saved after every
-    epoch in work_dir and picked up again by a re-run with the same fingerprint; on return the
-    model holds the best weights; the caller removes the work folder once its output is saved."""
+    `batches(epoch)` yields this process's batches of the epoch, `model(batch)` returns the loss
+    terms with the total under "loss", `validate()` scores the model (higher is better; every
+    process scores the same weights). With several processes the model trains data-parallel
+    (accelerate's DDP; the main process writes the state). State is saved after every epoch in
+    work_dir and picked up again by a re-run with the same fingerprint; on return the model holds
+    the best weights; the caller removes the work folder once its output is saved."""
+    from accelerate import Accelerator
+
+    device = next(model.parameters()).device
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    parallel = accelerator.prepare_model(model) if accelerator.num_processes > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     updates = max(1, settings.epochs * steps_per_epoch // settings.grad_accum)
@@ -99,9 +149,11 @@ def train_with_validation(
             totals: dict[str, float] = {}
             n = 0
             for i, batch in enumerate(batches(epoch)):
-                terms = step(batch)
-                (terms["loss"] / settings.grad_accum).backward()
-                if (i + 1) % settings.grad_accum == 0 or i + 1 == steps_per_epoch:
+                update = (i + 1) % settings.grad_accum == 0 or i + 1 == steps_per_epoch
+                with nullcontext() if update else accelerator.no_sync(parallel):  # all-reduce once per update
+                    terms = parallel(batch)
+                    accelerator.backward(terms["loss"] / settings.grad_accum)
+                if update:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                     optimizer.step()
                     schedule.step()
@@ -118,6 +170,8 @@ def train_with_validation(
             if score > result.best_score:
                 result.best_score, result.best_epoch, best_state = score, epoch + 1, _trainable_state(model)
             bar.update(info=f"epoch {epoch + 1} val UA {score:.3f} (best {result.best_score:.3f})")
+            if not accelerator.is_main_process:
+                continue
             work_dir.mkdir(parents=True, exist_ok=True)
             tmp = state_file.with_suffix(".tmp")
             torch.save(
@@ -134,6 +188,7 @@ def train_with_validation(
                 tmp,
             )
             tmp.replace(state_file)
+    accelerator.wait_for_everyone()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -44,7 +45,8 @@ def progress(description: str, total: int | None) -> Iterator[Bar]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console) as live:
+    # Under torchrun / accelerate launch only the first process draws bars (one display, not N).
+    with Progress(*columns, console=console, disable=os.environ.get("RANK", "0") != "0") as live:
         _active = live
         try:
             yield Bar(live, live.add_task(description, total=total, info=""))

@@ -8,6 +8,11 @@ Per clip length it prints the ratios the cache is for:
   cache / naive        cache bytes per second of audio vs fp32 teacher features + dense logits everywhere
   PDist / fp16         bytes of the PDist targets (encoder output) vs fp16 teacher projector features
   cache / bare         cache-teacher wall time vs bare teacher forward passes over the same clips
+Cache bytes are the encoder store's row (once per corpus) plus the fold's target row.
+
+Then, when the default pipeline has run (`dvc repro`: a trained tiny teacher and `ce` student),
+the gap between the bucketed KL (top-k + tail) and the full KL as k varies, on their logits over
+training clips.
 
 Usage: python scripts/benchmark.py [--lengths 3 10 30] [--batch 2] [--repeats 3] [--device auto]
 """
@@ -28,9 +33,11 @@ from pldistill_cli.distill import METHODS, TargetCollate, distillation_terms
 from pldistill_cli.forward import (PromptLayout, audio_features, encode_audio, forward_from_encoder,
                                    forward_with_audio_attention)
 from pldistill_cli.labels import label_set
-from pldistill_cli.losses import answer_cross_entropy, topk_logprobs
-from pldistill_cli.models import assemble_student, build_student_llm, build_teacher, count_parameters, get_preset
-from pldistill_cli.teacher_cache import CACHE_SCHEMA
+from pldistill_cli.layout import Layout, student_name
+from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
+from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
+                                  load_model)
+from pldistill_cli.teacher_cache import CACHE_SCHEMA, ENCODER_SCHEMA
 from pldistill_cli.training import autocast, resolve_device
 
 TOP_K, TEMPERATURE = 16, 2.0
@@ -73,7 +80,7 @@ def main() -> None:
           f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")
 
     header = ("clip s", "online/cached", "KD overhead", "cached/encoder", "cache/naive", "PDist/fp16",
-              "cache/bare", "cache B per audio s")
+              "cache/bare", "store B per audio s", "targets B per audio s")
     rows = []
     rng = np.random.default_rng(0)
     for seconds in args.lengths:
@@ -127,20 +134,23 @@ def main() -> None:
                 encd, lens = encode_audio(teacher, features, mask)
                 forward_from_encoder(teacher, encd, lens, text.input_ids, text.attention_mask)
 
-        def cache_rows():  # what cache-teacher does per batch, Parquet write included
+        def cache_rows():  # what cache-teacher does per batch, Parquet writes included: (store, target) bytes
             enc, lens, txt, _, w_, ids_, lps_ = teacher_targets()
-            rows_ = []
+            encoder_rows, target_rows = [], []
             for i in range(args.batch):
                 t, s = int(lens[i]), int(txt.attention_mask[i].sum())
-                rows_.append({"id": str(i), "label": labels[i], "split": "train", "n_audio": t,
-                              "input_ids": txt.input_ids[i, :s].tolist(),
-                              "encoder_out": enc[i, :t].float().flatten().tolist(), "attention": w_[i].tolist(),
-                              "effective_steps": float(1 / w_[i].square().sum()),
-                              "topk_ids": ids_[i, : s - 1].flatten().tolist(),
-                              "topk_logprobs": lps_[i, : s - 1].flatten().tolist()})
-            buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(rows_, schema=CACHE_SCHEMA), buffer)
-            return buffer.getbuffer().nbytes
+                encoder_rows.append({"id": str(i), "n_audio": t, "encoder_out": enc[i, :t].float().flatten().tolist()})
+                target_rows.append({"id": str(i), "label": labels[i], "split": "train", "n_audio": t,
+                                    "input_ids": txt.input_ids[i, :s].tolist(), "attention": w_[i].tolist(),
+                                    "effective_steps": float(1 / w_[i].square().sum()),
+                                    "topk_ids": ids_[i, : s - 1].flatten().tolist(),
+                                    "topk_logprobs": lps_[i, : s - 1].flatten().tolist()})
+            sizes = []
+            for rows_, schema in ((encoder_rows, ENCODER_SCHEMA), (target_rows, CACHE_SCHEMA)):
+                buffer = io.BytesIO()
+                pq.write_table(pa.Table.from_pylist(rows_, schema=schema), buffer)
+                sizes.append(buffer.getbuffer().nbytes)
+            return sizes
 
         t_cached = timed(lambda: step("pl-distill", batch), device, args.repeats)
         t_ce = timed(lambda: step("ce", batch), device, args.repeats)
@@ -148,7 +158,8 @@ def main() -> None:
         t_encoder = timed(encoder_ce_step, device, args.repeats)
         t_bare = timed(bare_teacher, device, args.repeats)
         t_cache = timed(cache_rows, device, args.repeats)
-        cache_bytes = cache_rows()
+        store_bytes, target_bytes = cache_rows()
+        cache_bytes = store_bytes + target_bytes
 
         naive = io.BytesIO()  # fp32 teacher projector features + dense full-vocabulary logits at every position
         for i in range(args.batch):
@@ -161,16 +172,58 @@ def main() -> None:
         rows.append((f"{seconds:g}", f"{t_online / t_cached:.1f}x", f"{t_cached / t_ce:.2f}x",
                      f"{t_cached / t_encoder:.2f}x", f"{cache_bytes / naive.getbuffer().nbytes:.4f}x",
                      f"{pdist / fp16_teacher:.2f}x", f"{t_cache / t_bare:.2f}x",
-                     f"{cache_bytes / audio_seconds:,.0f}"))
+                     f"{store_bytes / audio_seconds:,.0f}", f"{target_bytes / audio_seconds:,.0f}"))
         print(f"  {seconds:g} s: cached step {t_cached * 1e3:.0f} ms, CE step {t_ce * 1e3:.0f} ms, online step "
               f"{t_online * 1e3:.0f} ms, encoder CE step {t_encoder * 1e3:.0f} ms, bare teacher {t_bare * 1e3:.0f} ms, "
               f"cache-teacher {t_cache * 1e3:.0f} ms; vocab {vocab}", flush=True)
 
+    print_table(header, rows)
+    kl_gap(device)
+
+
+def print_table(header, rows) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("\n| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+@torch.no_grad()
+def kl_gap(device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -> None:
+    """Bucketed KL (teacher top-k + tail) vs the full KL, as k varies, on the default pipeline's trained
+    tiny teacher and `ce` student over training clips (every LDist position)."""
+    import pandas as pd
+
+    from pldistill_cli.data import AudioClips, AudioCollate
+    from pldistill_cli.manifest import manifest_labels, select_split
+
+    layout = Layout()
+    teacher_dir, student_dir = layout.teacher(dataset, fold), layout.student(dataset, fold, student_name("ce", 42))
+    if not (teacher_dir.exists() and student_dir.exists()):
+        print(f"\nKL gap: skipped ({teacher_dir} or {student_dir} missing; run `dvc repro` first)")
+        return
+    teacher, processor = load_model(teacher_dir, device)
+    student, _ = load_model(student_dir, device)
+    labels = manifest_labels(layout.manifest(dataset))
+    rows = select_split(pd.read_parquet(layout.manifest(dataset)), fold, "train").head(clips)
+    batch = AudioCollate(processor)([AudioClips(rows)[i] for i in range(len(rows))])
+    prompt = PromptLayout.from_processor(processor, labels)
+    encoded, lengths = encode_audio(teacher, batch.features.to(device), batch.feature_mask.to(device))
+    text = text_batch(prompt, lengths.tolist(), rows["label"].tolist()).to(device)
+    t_logits, _, _ = forward_from_encoder(teacher, encoded, lengths, text.input_ids, text.attention_mask)
+    s_logits, _, _ = forward_from_encoder(student, encoded, lengths, text.input_ids, text.attention_mask)
+    mask = text.attention_mask[:, 1:].bool()
+    vocab = t_logits.shape[-1]
+    full = full_kl(s_logits[:, :-1], t_logits[:, :-1], mask, TEMPERATURE).mean()
+    table = []
+    for k in sorted({1, 4, 16, 64, 128, vocab}):
+        bucketed = bucketed_kl(s_logits[:, :-1], *topk_logprobs(t_logits[:, :-1], k, TEMPERATURE), mask,
+                               TEMPERATURE).mean()
+        table.append((str(k), f"{float(bucketed):.4f}", f"{float(full):.4f}", f"{float(bucketed / full):.3f}"))
+    print(f"\nKL gap on {len(rows)} training clips ({int(mask.sum())} positions), trained tiny teacher vs ce "
+          f"student, T = {TEMPERATURE}, vocabulary {vocab}:")
+    print_table(("k", "bucketed KL", "full KL", "bucketed / full"), table)
 
 
 if __name__ == "__main__":

@@ -397,3 +397,14 @@ def test_bf16_student_under_autocast() -> None:
     assert torch.allclose(out, ref, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(sb.grad.float()).all()
+
+
+def test_top_k_from_hidden_states_in_chunks_equals_the_top_k_of_dense_logits():
+    from pldistill_cli.teacher_cache import topk_from_hidden
+
+    torch.manual_seed(0)
+    head, hidden = torch.nn.Linear(8, 50, bias=False), torch.randn(2, 7, 8)
+    ids, logprobs = topk_from_hidden(head, hidden, 5, 2.0, positions=3)  # 14 positions in 5 chunks
+    dense_ids, dense_logprobs = topk_logprobs(head(hidden), 5, 2.0)
+    assert torch.equal(ids, dense_ids)
+    torch.testing.assert_close(logprobs, dense_logprobs)

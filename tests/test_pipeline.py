@@ -52,7 +52,9 @@ AUDIO_READS: dict[str, set[str]] = {}
 def run_dir(tmp_path_factory):
     """Runs every stage through the CLI, recording which audio files each stage reads."""
     import pldistill_cli.data as data
+    import pldistill_cli.teacher_cache as teacher_cache
 
+    readers = (data, teacher_cache)  # the modules that open audio files
     root = tmp_path_factory.mktemp("e2e")
     (root / "params.yaml").write_text(yaml.safe_dump(SMALL))
     cwd, read_audio = os.getcwd(), data.read_audio
@@ -60,11 +62,13 @@ def run_dir(tmp_path_factory):
     try:
         for stage in STAGES:
             reads = AUDIO_READS.setdefault(stage[0], set())
-            data.read_audio = lambda path, *a, _reads=reads: (_reads.add(Path(path).stem), read_audio(path, *a))[1]
+            for module in readers:
+                module.read_audio = lambda path, *a, _reads=reads: (_reads.add(Path(path).stem), read_audio(path, *a))[1]
             cli(*stage)
         yield root
     finally:
-        data.read_audio = read_audio
+        for module in readers:
+            module.read_audio = read_audio
         os.chdir(cwd)
 
 
@@ -114,7 +118,10 @@ def test_cache_rows_follow_the_schema_and_never_hold_test_clips(run_dir):
         assert len(row.topk_ids) == (len(row.input_ids) - 1) * 4
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["teacher"]["weights"] and "Please identify the emotion" in meta["prompt"]
-    assert meta["cache"] == {"attention_layer": -1, "top_k": 4, "temperature": 2.0}
+    assert meta["cache"] == {"attention_layer": -1, "top_k": 4, "temperature": 2.0, "projector_targets": "linear"}
+    assert meta["preprocess"]["sample_rate"] == 16000 and "workers" not in meta["preprocess"]
+    store = run_dir / meta["encoder"]["store"]  # the encoder output lives once per corpus, keyed by encoder
+    assert store.parent == run_dir / "data/encoded/synthetic" and len(meta["encoder"]["weights"]) == 16
     assert not (run_dir / "data/work/synthetic/fold1").exists() or not any((run_dir / "data/work/synthetic/fold1").iterdir())
 
 
@@ -249,25 +256,31 @@ def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
     final = run_dir / "data/runs/synthetic/fold1/cache"
     reference = pq.ParquetDataset(sorted(final.glob("part-*.parquet"))).read().to_pandas().set_index("id").sort_index()
     shutil.rmtree(final)
+    store = next((run_dir / "data/encoded/synthetic").iterdir())
+    shutil.rmtree(store)
     write_part, written = teacher_cache._write_part, []
 
-    def dies_after_two(path, rows):
-        if len(written) == 2:
+    def dies_after_two(folder, rank, rows, schema):
+        if schema is teacher_cache.CACHE_SCHEMA and len(written) == 2:
             raise KeyboardInterrupt
-        written.append(path)
-        write_part(path, rows)
+        written.append(folder) if schema is teacher_cache.CACHE_SCHEMA else None
+        write_part(folder, rank, rows, schema)
 
     monkeypatch.setattr(teacher_cache, "_write_part", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         teacher_cache.build_cache("synthetic", 1, params)
     assert not final.exists() and len(list((run_dir / "data/work/synthetic/fold1/cache-teacher").glob("part-*"))) == 2
-    resumed_parts = []
-    monkeypatch.setattr(teacher_cache, "_write_part", lambda p, r: (resumed_parts.append(p), write_part(p, r)))
+    encoded_before = len(teacher_cache._ids_in(store))  # the batch that died had already been encoded
+    assert encoded_before == 3 * params.cache.batch_size
+    resumed, encoded = [], []
+    monkeypatch.setattr(teacher_cache, "_write_part", lambda f, k, r, schema: (
+        (resumed if schema is teacher_cache.CACHE_SCHEMA else encoded).append(len(r)), write_part(f, k, r, schema)))
     teacher_cache.build_cache("synthetic", 1, params)
     rebuilt = pq.ParquetDataset(sorted(final.glob("part-*.parquet"))).read().to_pandas().set_index("id").sort_index()
-    assert len(resumed_parts) == len(list(final.glob("part-*.parquet"))) - 2  # finished parts were kept
+    assert len(resumed) == len(list(final.glob("part-*.parquet"))) - 2  # finished parts were kept
+    assert sum(encoded) == len(reference) - encoded_before  # each clip goes through the encoder once
     assert list(rebuilt.index) == list(reference.index)
-    for column in ("encoder_out", "attention", "topk_logprobs"):
+    for column in ("attention", "topk_logprobs"):
         for a, b in zip(rebuilt[column], reference[column]):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -290,3 +303,47 @@ def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
     teacher = Qwen2AudioForConditionalGeneration.from_pretrained(run_dir / "data/runs/synthetic/fold1/teacher")
     for name, value in teacher.model.audio_tower.state_dict().items():
         assert (model.model.audio_tower.state_dict()[name] == value).all(), name
+
+
+def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    import torch
+
+    from pldistill_cli.config import load_params
+    from pldistill_cli.distill import METHODS, TargetCollate, build_student, distillation_terms
+    from pldistill_cli.forward import PromptLayout
+    from pldistill_cli.layout import Layout
+    from pldistill_cli.teacher_cache import TeacherCache, build_cache, cache_identity
+    from transformers import AutoProcessor
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    gram_params = dataclasses.replace(params, cache=dataclasses.replace(params.cache, projector_targets="gram"))
+    gram_layout = Layout(data=tmp_path / "data")
+    for part in ("prepared", "runs/synthetic/fold1/teacher"):
+        shutil.copytree(run_dir / "data" / part, gram_layout.data / part, symlinks=True)
+    build_cache("synthetic", 1, gram_params, gram_layout)
+
+    teacher_dir = Layout().teacher("synthetic", 1)
+    processor = AutoProcessor.from_pretrained(teacher_dir)
+    labels = tuple(json.loads((teacher_dir / "pldistill.json").read_text())["labels"])
+    prompt = PromptLayout.from_processor(processor, labels)
+    student, _ = build_student(params, processor, teacher_dir, seed=0)
+    for method in ("pl-distill", "cka"):
+        terms = {}
+        for name, layout, settings in (("linear", Layout(), params), ("gram", gram_layout, gram_params)):
+            identity = cache_identity(layout.teacher("synthetic", 1), prompt, settings)
+            cache = TeacherCache.open(layout.cache("synthetic", 1), identity, prompt)
+            columns = METHODS[method].columns + (("gram",) if name == "gram" else ())
+            rows = cache.split("train", columns)
+            batch = TargetCollate(prompt)([rows[i] for i in range(4)])
+            if name == "gram":  # the stored Gram is Z Z^T of the exact teacher projector output
+                z = batch["encoded"][0, : batch["lengths"][0]] @ cache.projector_weight.T + cache.projector_bias
+                torch.testing.assert_close(batch["gram"][0, : len(z), : len(z)], z @ z.T, rtol=1e-4, atol=1e-4)
+            with torch.no_grad():
+                terms[name] = distillation_terms(student, batch, METHODS[method], cache.projector_weight,
+                                                 cache.projector_bias, 1.0, 1.0, 2.0)
+        assert terms["linear"]["cka"] > 0
+        torch.testing.assert_close(terms["gram"]["cka"], terms["linear"]["cka"], rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pldistill_cli.training import LoopSettings, train_with_validation
+from pldistill_cli.training import LoopSettings, TrainingStep, train_with_validation
 
 
 class Boom(Exception):
@@ -33,7 +33,8 @@ def _train(work, fail_at_epoch=None, epochs_run=None):
             return -float((model(data) - target).square().mean())
 
     settings = LoopSettings(epochs=5, lr=0.01, weight_decay=0.0, max_grad_norm=1.0)
-    result = train_with_validation(model, batches, step, validate, settings, 4, work, "fp", "test")
+    result = train_with_validation(TrainingStep({"model": model}, step), batches, validate, settings, 4, work, "fp",
+                                   "test")
     return model, result
 
 
