@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,10 @@ def cache_identity(teacher_dir: Path, prompt: PromptLayout, params: Params) -> d
 
 
 def _write_part(folder: Path, rank: int, rows: list[dict], schema: pa.Schema) -> None:
-    """Append one Parquet part, written atomically; each process numbers its own parts."""
+    """Append one Parquet part, written atomically; each process numbers its own parts (and a
+    random suffix keeps two runs that share the encoder store from ever writing the same name)."""
     n = len(list(folder.glob(f"part-r{rank}-*.parquet")))
-    path = folder / f"part-r{rank}-{n:05d}.parquet"
+    path = folder / f"part-r{rank}-{n:05d}-{uuid.uuid4().hex[:8]}.parquet"
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     os.replace(tmp, path)
