@@ -24,8 +24,6 @@ import io
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pldistill_cli.data import text_batch
@@ -37,7 +35,7 @@ from pldistill_cli.layout import Layout, student_name
 from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
 from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_model)
-from pldistill_cli.teacher_cache import CACHE_SCHEMA, ENCODER_SCHEMA
+from pldistill_cli.teacher_cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
 from pldistill_cli.training import autocast, resolve_device
 
 TOP_K, TEMPERATURE = 16, 2.0
@@ -139,16 +137,16 @@ def main() -> None:
             encoder_rows, target_rows = [], []
             for i in range(args.batch):
                 t, s = int(lens[i]), int(txt.attention_mask[i].sum())
-                encoder_rows.append({"id": str(i), "n_audio": t, "encoder_out": enc[i, :t].float().flatten().tolist()})
+                encoder_rows.append({"id": str(i), "n_audio": t, "encoder_out": enc[i, :t].float().flatten().cpu().numpy()})
                 target_rows.append({"id": str(i), "label": labels[i], "split": "train", "n_audio": t,
-                                    "input_ids": txt.input_ids[i, :s].tolist(), "attention": w_[i].tolist(),
-                                    "effective_steps": float(1 / w_[i].square().sum()),
-                                    "topk_ids": ids_[i, : s - 1].flatten().tolist(),
-                                    "topk_logprobs": lps_[i, : s - 1].flatten().tolist()})
+                                    "input_ids": txt.input_ids[i, :s].int().cpu().numpy(),
+                                    "attention": w_[i].cpu().numpy(), "effective_steps": float(1 / w_[i].square().sum()),
+                                    "topk_ids": ids_[i, : s - 1].flatten().int().cpu().numpy(),
+                                    "topk_logprobs": lps_[i, : s - 1].flatten().cpu().numpy()})
             sizes = []
             for rows_, schema in ((encoder_rows, ENCODER_SCHEMA), (target_rows, CACHE_SCHEMA)):
                 buffer = io.BytesIO()
-                pq.write_table(pa.Table.from_pylist(rows_, schema=schema), buffer)
+                write_rows(buffer, rows_, schema)  # as cache-teacher writes them
                 sizes.append(buffer.getbuffer().nbytes)
             return sizes
 
@@ -193,10 +191,8 @@ def print_table(header, rows) -> None:
 def kl_gap(device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -> None:
     """Bucketed KL (teacher top-k + tail) vs the full KL, as k varies, on the default pipeline's trained
     tiny teacher and `ce` student over training clips (every LDist position)."""
-    import pandas as pd
-
     from pldistill_cli.data import AudioClips, AudioCollate
-    from pldistill_cli.manifest import manifest_labels, select_split
+    from pldistill_cli.manifest import manifest_labels, read_manifest, select_split
 
     layout = Layout()
     teacher_dir, student_dir = layout.teacher(dataset, fold), layout.student(dataset, fold, student_name("ce", 42))
@@ -206,7 +202,7 @@ def kl_gap(device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -
     teacher, processor = load_model(teacher_dir, device)
     student, _ = load_model(student_dir, device)
     labels = manifest_labels(layout.manifest(dataset))
-    rows = select_split(pd.read_parquet(layout.manifest(dataset)), fold, "train").head(clips)
+    rows = select_split(read_manifest(layout.manifest(dataset)), fold, "train").head(clips)
     batch = AudioCollate(processor)([AudioClips(rows)[i] for i in range(len(rows))])
     prompt = PromptLayout.from_processor(processor, labels)
     encoded, lengths = encode_audio(teacher, batch.features.to(device), batch.feature_mask.to(device))
