@@ -22,7 +22,7 @@ from .layout import Layout, student_name
 from .losses import answer_cross_entropy, aw_cka, aw_cka_gram, bucketed_kl
 from .checkpoints import load_student_llm
 from .models import (add_lora, assemble_student, build_student_llm, count_parameters, get_preset, load_encoder,
-                     read_metadata, save_model, weights_dtype)
+                     provenance, save_model, weights_dtype)
 from .teacher_cache import CachedTargets, TeacherCache, cache_identity
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
                        start_processes, train_with_validation)
@@ -237,7 +237,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
 
     made_by = {"stage": "distill", "method": method_name, "dataset": dataset, "fold": fold, "labels": list(labels),
                "prompt": prompt.text, "preset": params.model.preset, "student_llm": llm_origin,
-               "seed": seed, "teacher": {"path": str(teacher_dir), "weights": read_metadata(teacher_dir).get("weights")},
+               "seed": seed, "teacher": provenance(teacher_dir),
                "cache": cache.meta, "params": {"distill": params.section("distill"), "model": params.section("model")}}
     work = layout.work(dataset, fold, name)
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)

@@ -213,6 +213,8 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
                        "batch_size": p.batch_size},
         "scoring": SCORING[p.scoring],
         "model_weights": made_by.get("weights"),
+        # real checkpoints behind the model: the teacher's, or the student's LLM and its teacher's
+        "checkpoints": {k: made_by[k] for k in ("checkpoint", "student_llm", "teacher") if made_by.get(k)},
         "params": {"evaluate": params.section("evaluate")},
     }
     if which == "teacher":

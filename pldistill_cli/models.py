@@ -333,6 +333,13 @@ def read_metadata(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def provenance(folder: Path) -> dict[str, Any]:
+    """What identifies a saved model in the outputs made from it: its folder, weights hash and, for a
+    model from a real checkpoint, that checkpoint's source and revision."""
+    made_by = read_metadata(folder)
+    return {"path": str(folder), "weights": made_by.get("weights"), "checkpoint": made_by.get("checkpoint")}
+
+
 def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):
     """The folder's config; a missing folder or another architecture is a one-line error."""
     from transformers import AutoConfig

@@ -48,7 +48,7 @@ from .forward import PromptLayout, audio_features, encode_audio, forward_with_au
 from .layout import Layout
 from .losses import topk_logprobs
 from .manifest import manifest_labels, read_manifest, split_of
-from .models import load_model, read_metadata, weights_dtype
+from .models import load_model, provenance, weights_dtype
 from .training import autocast, resolve_device, start_processes
 from .ui import console, progress
 
@@ -95,7 +95,7 @@ def cache_identity(teacher_dir: Path, prompt: PromptLayout, params: Params) -> d
     """What the cache's values depend on; a reader compares it with what it expects."""
     return {
         "format": FORMAT_VERSION,
-        "teacher": {"path": str(teacher_dir), "weights": read_metadata(teacher_dir).get("weights")},
+        "teacher": provenance(teacher_dir),
         "prompt": prompt.text,
         "labels": list(prompt.labels),
         "preprocess": _preprocessing(params),

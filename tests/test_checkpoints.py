@@ -128,8 +128,19 @@ def test_the_cache_feeds_a_smaller_student_vocabulary(hub_run):
     result = evaluate_model("synthetic", 1, "student", params, layout, "pl-distill")
     assert result["parameters"] > 0 and 0 <= result["ua"] <= 1
     made = json.loads((layout.student("synthetic", 1, "student-pl-distill-s42") / "pldistill.json").read_text())
-    assert made["student_llm"]["revision"] and made["cache"]["teacher"]["weights"]
     assert all(h["kl"] >= 0 for h in made["history"])
+
+
+def test_every_output_records_the_checkpoint_revisions(hub_run, checkpoints):
+    params, layout = hub_run
+    teacher_revision = {"source": str(checkpoints / "teacher"), "revision": weights_fingerprint(checkpoints / "teacher")}
+    llm_revision = weights_fingerprint(checkpoints / "llm")
+    cache_meta = json.loads((layout.cache("synthetic", 1) / "meta.json").read_text())
+    student = json.loads((layout.student("synthetic", 1, "student-pl-distill-s42") / "pldistill.json").read_text())
+    assert cache_meta["teacher"]["checkpoint"] == teacher_revision
+    assert student["teacher"]["checkpoint"] == teacher_revision and student["student_llm"]["revision"] == llm_revision
+    scored = evaluate_model("synthetic", 1, "teacher", params, layout)["checkpoints"]
+    assert scored["checkpoint"] == teacher_revision
 
 
 def test_the_cache_refuses_a_student_encoder_that_is_not_the_teachers_or_trains(hub_run):
