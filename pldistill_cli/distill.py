@@ -116,18 +116,20 @@ def distillation_terms(student, batch: dict, method: Method, teacher_weight: tor
     loss = terms["ce"]
     if method.projector:
         mask = step_mask(batch["lengths"], projected.shape[1])
-        weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
-        if method.projector == "fitnets" or "gram" not in batch:
-            teacher_features = batch["encoded"].float() @ teacher_weight.T + teacher_bias  # exact teacher projector output
+
+        def teacher_features() -> torch.Tensor:  # the exact teacher projector output X W^T + b
+            return batch["encoded"].float() @ teacher_weight.T + teacher_bias
+
         if method.projector == "fitnets":
-            error = (adapter(projected.float()) - teacher_features).square().mean(-1)
+            error = (adapter(projected.float()) - teacher_features()).square().mean(-1)
             terms["mse"] = (error * mask).sum() / mask.sum()
             loss = loss + lambda_p * terms["mse"]
         else:
+            weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
             if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
                 terms["cka"] = aw_cka_gram(projected, batch["gram"], weights, mask).mean()
             else:
-                terms["cka"] = aw_cka(projected, teacher_features, weights, mask).mean()
+                terms["cka"] = aw_cka(projected, teacher_features(), weights, mask).mean()
             loss = loss + lambda_p * (1 - terms["cka"])
     if method.kl:
         positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]

@@ -48,25 +48,25 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         checked_config(base, "qwen2_audio", "model.teacher")
         made_by["checkpoint"] = {"source": base.source, "revision": base.revision}
         processor = AutoProcessor.from_pretrained(base.path)
-        made_by["prompt"] = PromptLayout.from_processor(processor, labels).text
-        if p.mode == "zero-shot":
-            if processes.is_main_process:
-                save_reference(folder, processor, base, made_by)
-            console.print(f"teacher: {base.source} at {base.revision}, zero-shot")
-            return made_by
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
     elif p.mode == "full":
         model, processor = build_teacher(get_preset(params.model.preset), params.seed)
     else:
         raise PldistillError(f"params.yaml: train_teacher.mode {p.mode} needs a real checkpoint (model.preset hub); "
                              f"the {params.model.preset} preset's teacher is random, use full")
+    prompt = PromptLayout.from_processor(processor, labels)
+    made_by["prompt"] = prompt.text
+    if p.mode == "zero-shot":
+        if processes.is_main_process:
+            save_reference(folder, processor, base, made_by)
+        console.print(f"teacher: {base.source} at {base.revision}, zero-shot")
+        return made_by
+    if base is not None:
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
     model.to(device)
     if params.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(model, p.lora_r, p.lora_alpha, p.lora_dropout, projector="frozen") if p.mode == "lora" else None
-    prompt = PromptLayout.from_processor(processor, labels)
-    made_by["prompt"] = prompt.text
     trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
     console.print(f"teacher ({params.model.preset}, {p.mode}): {count_parameters(model):,} parameters, "
                   f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation clips")

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -243,13 +244,17 @@ class TeacherCache:
             raise PldistillError(f"{self.folder}: the cached encoder output is not this student's encoder's "
                                  f"(weights {found}, cache {cached}); build the student on the cached teacher's encoder")
 
+    @cached_property
+    def store(self) -> EncoderStore:
+        """The encoder store the cache reads X from, indexed once for every split."""
+        folder = Path(self.meta["encoder"]["store"])
+        if not folder.exists():
+            raise PldistillError(f"{folder}: the encoder store this cache reads is gone; re-run `pldistill cache-teacher`")
+        return EncoderStore(folder, self.projector_weight.shape[1])
+
     def split(self, name: str, columns: tuple[str, ...] = tuple(CACHE_SCHEMA.names)) -> "CachedTargets":
         rows = self.index[self.index["split"] == name].reset_index(drop=True)
-        store = Path(self.meta["encoder"]["store"])
-        if not store.exists():
-            raise PldistillError(f"{store}: the encoder store this cache reads is gone; re-run `pldistill cache-teacher`")
-        return CachedTargets(rows, columns, EncoderStore(store, self.projector_weight.shape[1]),
-                             int(self.meta["cache"]["top_k"]))
+        return CachedTargets(rows, columns, self.store, int(self.meta["cache"]["top_k"]))
 
 
 class CachedTargets(Dataset):
