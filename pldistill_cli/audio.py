@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+
+from .files import atomic_path
 
 SILENCE_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) carries no speech
 
@@ -17,7 +18,7 @@ class BadAudio(ValueError):
     """One unusable audio file; the caller reports and skips it."""
 
 
-def read_audio(path: Path | str, sample_rate: int = 16000) -> np.ndarray:
+def read_audio(path: Path | str, sample_rate: int) -> np.ndarray:
     """Mono float32 waveform at `sample_rate` (channels averaged); raises BadAudio for corrupt,
     empty, silent or non-finite audio."""
     if not Path(path).is_file():
@@ -60,7 +61,5 @@ def normalize_loudness(wave: np.ndarray, target_dbfs: float, peak_dbfs: float = 
 
 def write_wav(path: Path, wave: np.ndarray, sample_rate: int) -> None:
     """PCM16 wav, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")

@@ -4,6 +4,8 @@ tokenizer. Nothing here passes `trust_remote_code`: the architectures are transf
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,25 @@ class Checkpoint:
     revision: str  # the hub commit, or the weights hash of a local folder
 
 
+def weights_fingerprint(folder: Path) -> str:
+    """Hash of a model folder's weights (whole files up to 1 GiB; name, size, head and tail beyond)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            if size <= 1 << 30:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def resolve_checkpoint(source: str, revision: str, setting: str) -> Checkpoint:
     """A local folder as is, or a hub repository at `revision`, downloaded to (or found in) the
     Hugging Face cache. `setting` names the params key for error messages."""
-    from .models import weights_fingerprint
-
     folder = Path(source).expanduser()
     if folder.exists():
         if not (folder / "config.json").exists():

@@ -1,50 +1,102 @@
-"""`pldistill`: a thin Typer CLI over the library; each command is one pipeline stage."""
+"""`pldistill`: a thin Typer CLI over the library; each pipeline command is one stage (graph.py).
+
+Before a stage's module (and torch) is imported, the CLI validates params.yaml, checks the stage's
+data dependencies exist, and hands the stage only the params it declares: bad input is reported in
+well under a second, as one `error:` line (exit 1; usage errors exit 2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Literal, Optional
 
 import typer
 
-from .config import Params, load_params
+from . import __version__
+from .config import Params, Restricted, check_dataset_name, load_params
 from .errors import PldistillError
-from .layout import Layout
+from .graph import STAGES, producer
+from .layout import Layout, student_name
 from .ui import console
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Distil a large audio-language model into a small speech-emotion recogniser (PL-Distill).",
 )
 
+Device = Optional[Literal["auto", "cpu", "cuda"]]
+Method = Optional[Literal["ce", "kd", "ldist", "pdist", "fitnets", "cka", "pl-distill"]]
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Settings file.")
-DATASET = typer.Option("synthetic", "--dataset", "-d", help="Dataset name (see params.yaml `datasets`).")
-FOLD = typer.Option(1, "--fold", "-k", help="Fold number (1-based).")
-DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda (overrides params.yaml).")
+DATASET = typer.Option("synthetic", "--dataset", "-d", help="Dataset name (a key of `corpora` in params.yaml).")
+FOLD = typer.Option(1, "--fold", "-k", min=1, help="Fold number (1-based).")
+DEVICE = typer.Option(None, "--device", help="Overrides the stage's `device` in params.yaml (auto = CUDA if present).")
+METHOD = typer.Option(None, "--method", help="Distillation method (default: distill.method in params.yaml).")
+SEED = typer.Option(None, "--seed", min=0, help="Student seed (default: seed in params.yaml).")
+_interrupted = "nothing was kept; re-run the same command"  # what Ctrl-C reports; stages that resume set it
 
 
-def _params(path: Path, device: Optional[str] = None, section: Optional[str] = None) -> Params:
+def _version(value: bool) -> None:
+    if value:
+        print(f"pldistill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+def _check_deps(stage: str, values: dict) -> None:
+    """Every data dependency of the stage exists; a missing one names the command that makes it."""
+    for template in STAGES[stage].deps:
+        path = STAGES[stage].fill(template, values)
+        if not Path(path).exists():
+            made = producer(path)
+            how = ""
+            if made:
+                options = "".join(f" --{k} {v}" for k, v in made[1].items())
+                how = f"; run `pldistill {STAGES[made[0]].command}{options}` (or `dvc repro`) first"
+            raise PldistillError(f"{path}: not found{how}")
+
+
+def _settings(path: Path, stage: str, values: dict, device: Optional[str] = None, section: str = "") -> Params:
+    """params.yaml validated, with --device applied, restricted to the keys the stage declares."""
     params = load_params(path)
-    import torch
-
-    torch.set_num_threads(max(1, params.cpu_threads))
-    if device is not None and section is not None:
-        import dataclasses
-
-        if device not in ("auto", "cpu", "cuda"):
-            raise PldistillError(f"--device must be auto, cpu or cuda, got `{device}`")
+    if device is not None:
         params = dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), device=device)})
-    return params
+    return Restricted.of(params, STAGES[stage].param_keys(values), stage)
+
+
+def _run(stage: str, values: dict, params: Path, call: Callable[[Params], object], device: Optional[str] = None,
+         section: str = "", resumes: str = "") -> object:
+    """Run one stage: validate, check inputs, then import torch and call the library."""
+    global _interrupted
+    if "dataset" in values:
+        check_dataset_name(values["dataset"])
+    settings = _settings(params, stage, values, device, section)
+    _check_deps(stage, values)
+    if "dataset" in values and "fold" in values:
+        from .manifest import check_fold
+
+        check_fold(Layout().manifest(values["dataset"]), values["fold"])
+    if "cpu_threads" in {k.split(".")[0] for k in STAGES[stage].params}:
+        import torch
+
+        torch.set_num_threads(settings.cpu_threads)
+    if resumes:
+        _interrupted = f"progress kept in {resumes}; re-run the same command to resume"
+    return call(settings)
 
 
 @app.command()
 def preprocess(
     dataset: str = DATASET,
     root: Optional[Path] = typer.Option(None, "--root", help="Folder holding the corpus as distributed."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Corpus format: ravdess, savee, iemocap, emobox, folder."),
+    adapter: Optional[Literal["synthetic", "ravdess", "savee", "iemocap", "emobox", "folder"]] = typer.Option(
+        None, "--adapter", help="Corpus format (default: corpora.<dataset>.adapter, else the dataset name)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="emobox: the corpus's fold-file folder."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="folder: CSV of path,label[,speaker][,fold]."),
     speaker_pattern: Optional[str] = typer.Option(None, "--speaker-pattern", help="Regex; group 1 is the speaker."),
@@ -53,82 +105,112 @@ def preprocess(
     """Corpus -> 16 kHz mono wavs and a manifest with speaker-independent folds.
 
     Options left out come from `corpora.<dataset>` in params.yaml."""
-    from .preprocess import preprocess as run
+    from .datasets import resolve
 
-    result = run(dataset, _params(params), Layout(), root, adapter=adapter,
-                 metadata=metadata and str(metadata), csv=csv and str(csv), speaker_pattern=speaker_pattern)
+    overrides = dict(adapter=adapter, metadata=metadata and str(metadata), csv=csv and str(csv),
+                     speaker_pattern=speaker_pattern)
+
+    def call(settings: Params):
+        resolve(dataset, settings, root, **overrides)  # unknown dataset, missing root: before torch
+        from .preprocess import preprocess as run
+
+        return run(dataset, settings, Layout(), root, **overrides)
+
+    result = _run("preprocess", {"dataset": dataset}, params, call,
+                  resumes=str(Layout().work(dataset, None, "preprocess")))
     console.print(f"[green]{result.n_utterances} utterances[/] -> {result.manifest}; {len(result.quarantine)} "
                   f"skipped, {sum(result.excluded.values())} left out by design; labels: {result.label_counts}",
                   highlight=False)
 
 
 @app.command("train-teacher")
-def train_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAMS,
-                  device: Optional[str] = DEVICE) -> None:
+def train_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAMS, device: Device = DEVICE) -> None:
     """Train the teacher on the fold's training split; keep the best on validation."""
-    from .teacher import train_teacher as run
 
-    run(dataset, fold, _params(params, device, "train_teacher"), Layout())
+    def call(settings: Params):
+        from .train_teacher import train_teacher as run
+
+        return run(dataset, fold, settings, Layout())
+
+    _run("train-teacher", {"dataset": dataset, "fold": fold}, params, call, device, "train_teacher",
+         resumes=str(Layout().work(dataset, fold, "train-teacher")))
 
 
 @app.command("cache-teacher")
-def cache_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAMS,
-                  device: Optional[str] = DEVICE) -> None:
+def cache_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAMS, device: Device = DEVICE) -> None:
     """Run the teacher once over train + validation and cache its targets to Parquet."""
-    from .teacher_cache import build_cache
 
-    build_cache(dataset, fold, _params(params, device, "cache"), Layout())
+    def call(settings: Params):
+        from .cache_teacher import build_cache
+
+        return build_cache(dataset, fold, settings, Layout())
+
+    _run("cache-teacher", {"dataset": dataset, "fold": fold}, params, call, device, "cache",
+         resumes=str(Layout().work(dataset, fold, "cache-teacher")))
 
 
-METHOD = typer.Option(None, "--method", help="ce | kd | ldist | pdist | fitnets | cka | pl-distill "
-                                               "(default: distill.method in params.yaml).")
-
-
-SEED = typer.Option(None, "--seed", help="Student seed (default: seed in params.yaml).")
+def _student(params: Path, method: Optional[str], seed: Optional[int]) -> tuple[str, int]:
+    """--method and --seed, or their defaults from params.yaml."""
+    settings = load_params(params)
+    return method or settings.distill.method, settings.seed if seed is None else seed
 
 
 @app.command()
-def distill(dataset: str = DATASET, fold: int = FOLD, method: Optional[str] = METHOD, seed: Optional[int] = SEED,
-            params: Path = PARAMS, device: Optional[str] = DEVICE) -> None:
+def distill(dataset: str = DATASET, fold: int = FOLD, method: Method = METHOD, seed: Optional[int] = SEED,
+            params: Path = PARAMS, device: Device = DEVICE) -> None:
     """Train the student from the teacher cache: CE + lambda_P (1 - AW-CKA) + lambda_L KL (pl-distill)."""
-    from .distill import distill as run
+    method, seed = _student(params, method, seed)
 
-    run(dataset, fold, _params(params, device, "distill"), Layout(), method, seed)
+    def call(settings: Params):
+        from .distill import distill as run
+
+        return run(dataset, fold, settings, Layout(), method, seed)
+
+    _run("distill", {"dataset": dataset, "fold": fold, "method": method, "seed": seed}, params, call, device,
+         "distill", resumes=str(Layout().work(dataset, fold, student_name(method, seed))))
 
 
 @app.command()
 def evaluate(
     dataset: str = DATASET,
     fold: int = FOLD,
-    model: str = typer.Option("student", "--model", "-m", help="teacher | student | references"),
-    method: Optional[str] = METHOD,
+    model: Literal["teacher", "student", "references"] = typer.Option("student", "--model", "-m",
+                                                                     help="What to score."),
+    method: Method = METHOD,
     seed: Optional[int] = SEED,
     params: Path = PARAMS,
-    device: Optional[str] = DEVICE,
+    device: Device = DEVICE,
 ) -> None:
     """Score a model (or the shortcut references) on the fold's test split."""
-    from .evaluation import evaluate_model, evaluate_references
-
-    settings = _params(params, device, "evaluate")
+    values = {"dataset": dataset, "fold": fold}
     if model == "references":
-        result = evaluate_references(dataset, fold, settings, Layout())
-        for name in ("duration", "prosody"):
-            console.print(f"{name}: UA {result[name]['ua']:.3f} WA {result[name]['wa']:.3f}")
+        def call(settings: Params):
+            from .evaluate import evaluate_references
+
+            return evaluate_references(dataset, fold, settings, Layout())
+
+        for name, result in _run("evaluate-references", values, params, call).items():
+            console.print(f"{name}: UA {result['ua']:.3f} WA {result['wa']:.3f}")
         return
-    if model not in ("teacher", "student"):
-        raise PldistillError(f"--model must be teacher, student or references, got `{model}`")
-    result = evaluate_model(dataset, fold, model, settings, Layout(), method, seed)
+    if model == "student":
+        method, seed = _student(params, method, seed)
+        values.update(method=method, seed=seed)
+
+    def call(settings: Params):
+        from .evaluate import evaluate_model
+
+        return evaluate_model(dataset, fold, model, settings, Layout(), method, seed)
+
+    result = _run(f"evaluate-{model}", values, params, call, device, "evaluate")
     console.print(f"{result['model']}: WA {result['wa']:.3f} UA {result['ua']:.3f} macro-F1 {result['macro_f1']:.3f}")
 
 
-def _default_student(settings: Params, dataset: Optional[str], fold: Optional[int], method: Optional[str],
+def _default_student(params: Path, dataset: Optional[str], fold: Optional[int], method: Optional[str],
                      seed: Optional[int]) -> tuple[Path, Path]:
-    from .layout import student_name
-
-    layout = Layout()
+    settings = load_params(params)
     dataset, fold = dataset or settings.datasets[0], fold or settings.folds[0]
     name = student_name(method or settings.distill.method, settings.seed if seed is None else seed)
-    return layout.student(dataset, fold, name), layout.metrics(dataset, fold, name)
+    return Layout().student(dataset, fold, name), Layout().metrics(dataset, fold, name)
 
 
 @app.command()
@@ -137,17 +219,18 @@ def predict(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the pipeline's student)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     params: Path = PARAMS,
-    device: Optional[str] = DEVICE,
+    device: Device = DEVICE,
 ) -> None:
     """Emotion and class probabilities per file, from the distilled student."""
     import json
 
+    folder = model or _default_student(params, None, None, None, None)[0]
+    if not (folder / "config.json").exists() and not (folder / "pldistill.json").exists():
+        raise PldistillError(f"{folder}: no model here; run `dvc repro` (or `pldistill distill`) first, or pass --model")
     from rich.table import Table
 
-    from .inference import predict_files
+    from .predict import predict_files
 
-    settings = _params(params)
-    folder = model or _default_student(settings, None, None, None, None)[0]
     results = predict_files(audio, folder, device or "auto")
     for r in results:
         if r.error:
@@ -169,19 +252,22 @@ def predict(
 
 @app.command()
 def export(
-    out: Optional[Path] = typer.Option(None, "--out", help="Destination folder (default export/<dataset>-fold<k>-<method>)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d"),
-    fold: Optional[int] = typer.Option(None, "--fold", "-k"),
-    method: Optional[str] = METHOD,
+    out: Optional[Path] = typer.Option(None, "--out", help="Destination folder: absent, empty or an earlier export "
+                                                           "(default: export/<dataset>-fold<k>-student-<method>-s<seed>)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (default: the first of `datasets`)."),
+    fold: Optional[int] = typer.Option(None, "--fold", "-k", min=1, help="Fold (default: the first of `folds`)."),
+    method: Method = METHOD,
     seed: Optional[int] = SEED,
     params: Path = PARAMS,
 ) -> None:
-    """The student (LoRA merged, fp32) with its processor, prompt, labels and a model card, for plain transformers."""
-    from .inference import export_student
-
-    settings = _params(params)
-    folder, metrics = _default_student(settings, dataset, fold, method, seed)
+    """The student (LoRA merged, fp32) with its processor, labels and a Hub model card, for plain transformers."""
+    folder, metrics = _default_student(params, dataset, fold, method, seed)
     out = out or Path("export") / f"{folder.parent.parent.name}-{folder.parent.name}-{folder.name}"
+    if not (folder / "pldistill.json").exists():
+        raise PldistillError(f"{folder}: no student here; run `dvc repro` (or `pldistill distill`) first")
+    from .export import check_destination, export_student
+
+    check_destination(out)
     export_student(folder, out, metrics)
     console.print(f"exported {folder} -> {out}")
 
@@ -189,21 +275,40 @@ def export(
 @app.command()
 def report(params: Path = PARAMS) -> None:
     """The comparison across methods, datasets and folds, as report/report.md and a self-contained report.html."""
-    from .report import write_report
 
-    path = write_report(_params(params), Layout())
-    console.print(f"report -> {path}")
+    def call(settings: Params):
+        from .report import write_report
+
+        return write_report(settings, Layout())
+
+    console.print(f"report -> {_run('report', {}, params, call)}")
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Click's usage error class, and typer's vendored copy of it (typer >= 0.20 carries its own click)."""
+    import click
+
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        return (click.UsageError,)
+    return (click.UsageError, UsageError)
 
 
 def main() -> None:
     try:
-        app()
+        code = app(standalone_mode=False)
+    except _usage_errors() as exc:  # a bad option or value: one line, exit 2
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        console.print(f"[red]error:[/] {exc.format_message()}{where}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except PldistillError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: re-run the same command to resume")
+    except (KeyboardInterrupt, typer.Abort):
+        console.print(f"[yellow]interrupted[/]: {_interrupted}", highlight=False, soft_wrap=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

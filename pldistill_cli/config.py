@@ -1,146 +1,206 @@
-"""Typed settings read from params.yaml, validated once where they are read."""
+"""Typed settings read from params.yaml, validated once where they are read (type and range of every
+field, one declaration each); a bad value is one line naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from .errors import PldistillError
 
+
+
+def _number(value: Any) -> Any:
+    """`1e-3` is a string to YAML 1.1 (no dot): read numeric strings as numbers (never a bool as one)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+_numeric = BeforeValidator(_number)
+Int = Annotated[int, Field(strict=True)]
+Count = Annotated[int, Field(strict=True, ge=1)]  # epochs, batch sizes, workers, ...
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
+Positive = Annotated[float, _numeric, Field(strict=True, gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, _numeric, Field(strict=True, ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, _numeric, Field(strict=True, ge=0, lt=1, allow_inf_nan=False)]
+Real = Annotated[float, _numeric, Field(strict=True, allow_inf_nan=False)]
+# Dataset names become folder names under data/ and metrics/: letters, digits, - and _ only.
+SLUG = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Slug = Annotated[str, Field(pattern=SLUG)]
 Device = Literal["auto", "cpu", "cuda"]
+MethodName = Literal["ce", "kd", "ldist", "pdist", "fitnets", "cka", "pl-distill"]  # rows of methods.METHODS
+AdapterName = Literal["", "synthetic", "ravdess", "savee", "iemocap", "emobox", "folder"]
+
+settings = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
 
-@dataclass(frozen=True)
-class SyntheticParams:
-    n_speakers: int = 10
-    n_sentences: int = 6
-    n_folds: int = 5
-
-
-@dataclass(frozen=True)
+@settings
 class CorpusParams:
-    """Where a real corpus lives and how to read it; `params.yaml: corpora: NAME: {...}`."""
+    """Where a corpus lives and how to read it; `params.yaml: corpora: NAME: {...}`."""
 
-    adapter: str = ""  # synthetic | ravdess | savee | iemocap | emobox | folder ("" = the corpus name)
+    adapter: AdapterName = ""  # "" = the corpus name (synthetic, ravdess, savee, iemocap)
     root: Optional[str] = None  # the corpus as distributed (audio root); `--root` overrides it
     metadata: Optional[str] = None  # emobox: folder with fold_K/*.jsonl and label_map.json
     speaker_pattern: Optional[str] = None  # emobox / folder: regex whose first group is the speaker
     csv: Optional[str] = None  # folder: CSV with columns path, label and optional speaker, fold
-    n_folds: int = 5  # folder / emobox without folds: number of folds to make
+    n_folds: Annotated[int, Field(strict=True, ge=3)] = 5  # folds to make (synthetic, folder, emobox without folds)
+    n_speakers: Annotated[int, Field(strict=True, ge=3, le=16)] = 10  # synthetic: voices (a multiple of n_folds)
+    n_sentences: Annotated[int, Field(strict=True, ge=1, le=10)] = 6  # synthetic: sentences per speaker and emotion
 
 
-@dataclass(frozen=True)
+@settings
 class PreprocessParams:
-    sample_rate: int = 16000
-    workers: int = 2
-    max_seconds: float = 30.0  # the encoder window; longer clips follow `long_clips`
+    sample_rate: Annotated[int, Field(strict=True, ge=8000, le=192000)] = 16000  # the encoder's rate (16 kHz)
+    workers: Count = 2
+    max_seconds: Positive = 30.0  # the encoder window; longer clips follow `long_clips`
+    min_seconds: NonNegative = 0.2  # shorter clips are quarantined (too few audio steps to mean anything)
     long_clips: Literal["truncate", "skip"] = "truncate"
     trim_silence: bool = False
-    trim_db: float = 40.0  # frames this far below the clip's peak frame count as silence
+    trim_db: Positive = 40.0  # frames this far below the clip's peak frame count as silence
     normalize_loudness: bool = False
-    target_dbfs: float = -23.0  # RMS level after normalisation (peaks limited to -1 dBFS)
+    target_dbfs: Annotated[float, _numeric, Field(strict=True, lt=0, ge=-80, allow_inf_nan=False)] = -23.0
 
 
-@dataclass(frozen=True)
+@settings
 class ModelParams:
-    # tiny | small | paper: built from configs (random init); hub: real checkpoints (below)
-    preset: str = "tiny"
+    preset: Literal["tiny", "small", "paper", "hub"] = "tiny"  # hub: the real checkpoints below
     teacher: str = "Qwen/Qwen2-Audio-7B-Instruct"  # hub id or local folder (preset hub)
     teacher_revision: str = "main"  # branch, tag or commit; the resolved commit is recorded
     student_llm: str = "Qwen/Qwen2-0.5B-Instruct"  # the student's LLM: hub id or local folder (preset hub)
     student_llm_revision: str = "main"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # weights: auto = bf16 teacher on CUDA, fp32 otherwise
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 frozen weights on CUDA, fp32 otherwise
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (less memory)
 
 
-@dataclass(frozen=True)
+@settings
 class TrainTeacherParams:
-    # full: train every weight from the preset's random init (tiny, small); lora: peft LoRA on the
-    # LLM of a real checkpoint (encoder and projector frozen); zero-shot: use the checkpoint as is
+    # full: every weight from the preset's random init (tiny, small); lora: peft LoRA on the LLM of a
+    # real checkpoint (encoder and projector frozen); zero-shot: the checkpoint as is
     mode: Literal["full", "lora", "zero-shot"] = "full"
-    epochs: int = 40
-    batch_size: int = 16  # per process (GPU)
-    grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    epochs: Count = 40
+    batch_size: Count = 16  # per process (GPU)
+    grad_accum: Count = 1
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.01
+    max_grad_norm: Positive = 1.0
     device: Device = "auto"
-    lora_r: int = 8
-    lora_alpha: int = 256
-    lora_dropout: float = 0.1
+    lora_r: Count = 8
+    lora_alpha: Positive = 256
+    lora_dropout: Fraction = 0.1
 
 
-@dataclass(frozen=True)
+@settings
 class CacheParams:
-    attention_layer: int = -1
-    top_k: int = 16
-    temperature: float = 2.0
+    attention_layer: Int = -1
+    top_k: Count = 16
+    temperature: Positive = 2.0
     # PDist targets: linear = the teacher projector's W and b once (exact, from the shared encoder
     # output); gram = each clip's raw Gram K = Z Z^T of the teacher's projector output [T, T]
     projector_targets: Literal["linear", "gram"] = "linear"
-    batch_size: int = 16
+    batch_size: Count = 16
     device: Device = "auto"
 
 
-@dataclass(frozen=True)
+@settings
 class DistillParams:
-    lambda_p: float = 1.0
-    lambda_l: float = 1.0
-    epochs: int = 20
-    batch_size: int = 16  # per process (GPU)
-    grad_accum: int = 1
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
+    lambda_p: NonNegative = 1.0
+    lambda_l: NonNegative = 1.0
+    epochs: Count = 20
+    batch_size: Count = 16  # per process (GPU)
+    grad_accum: Count = 1
+    lr: Positive = 2e-3
+    weight_decay: NonNegative = 0.01
+    max_grad_norm: Positive = 1.0
     device: Device = "auto"
     train_llm: Literal["full", "frozen", "lora"] = "full"
-    lora_r: int = 8  # LoRA on the LLM's q, k, v, o, gate, up, down (train_llm: lora), as in the paper
-    lora_alpha: int = 256
-    lora_dropout: float = 0.1
+    lora_r: Count = 8  # LoRA on the LLM's q, k, v, o, gate, up, down (train_llm: lora), as in the paper
+    lora_alpha: Positive = 256
+    lora_dropout: Fraction = 0.1
     lora_projector: Literal["full", "lora"] = "full"  # the new projector: fully trainable, or LoRA (paper)
-    method: str = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
-    loader_workers: int = 0  # DataLoader worker processes reading the cache
+    method: MethodName = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
+    loader_workers: NonNegativeInt = 0  # DataLoader worker processes reading the cache
 
 
-@dataclass(frozen=True)
+@settings
 class EvaluateParams:
-    batch_size: int = 16
+    batch_size: Count = 16
     device: Device = "auto"
     scoring: Literal["rank", "generate"] = "rank"
-    max_new_tokens: int = 8  # generate: answer length limit
-    attention_examples: int = 4  # test clips whose teacher attention the report shows
+    max_new_tokens: Count = 8  # generate: answer length limit
+    attention_examples: NonNegativeInt = 4  # test clips whose teacher attention the report shows
 
 
-@dataclass(frozen=True)
+def _default_corpora() -> dict[str, CorpusParams]:
+    return {"synthetic": CorpusParams(adapter="synthetic")}
+
+
+@settings
 class Params:
-    seed: int = 42
-    cpu_threads: int = 2
+    seed: NonNegativeInt = 42
+    cpu_threads: Count = 2
     # How dvc.yaml starts train-teacher, cache-teacher and distill: `pldistill` (one process) or a
     # launcher, e.g. `torchrun --standalone --nproc-per-node 4 -m pldistill_cli` (one process per GPU).
-    launcher: str = "pldistill"
+    launcher: Annotated[str, Field(min_length=1)] = "pldistill"
     # processes a stage expects (torchrun / accelerate launch); 0 = as many as were started
-    world_size: int = 0
-    datasets: tuple[str, ...] = ("synthetic",)
-    folds: tuple[int, ...] = (1,)
-    methods: tuple[str, ...] = ("pl-distill",)
-    seeds: tuple[int, ...] = (42,)
-    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
-    corpora: dict[str, CorpusParams] = field(default_factory=dict)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train_teacher: TrainTeacherParams = field(default_factory=TrainTeacherParams)
-    cache: CacheParams = field(default_factory=CacheParams)
-    distill: DistillParams = field(default_factory=DistillParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    world_size: NonNegativeInt = 0
+    datasets: Annotated[tuple[Slug, ...], Field(min_length=1)] = ("synthetic",)
+    folds: Annotated[tuple[Count, ...], Field(min_length=1)] = (1,)
+    methods: Annotated[tuple[MethodName, ...], Field(min_length=1)] = ("pl-distill",)
+    seeds: Annotated[tuple[NonNegativeInt, ...], Field(min_length=1)] = (42,)
+    # every dataset's corpus; a corpus given as an empty key (`mine:`) takes the defaults
+    corpora: Annotated[dict[Slug, CorpusParams], BeforeValidator(lambda v: {k: x or {} for k, x in v.items()}
+                                                                  if isinstance(v, dict) else v)] = \
+        dataclasses.field(default_factory=_default_corpora)
+    preprocess: PreprocessParams = dataclasses.field(default_factory=PreprocessParams)
+    model: ModelParams = dataclasses.field(default_factory=ModelParams)
+    train_teacher: TrainTeacherParams = dataclasses.field(default_factory=TrainTeacherParams)
+    cache: CacheParams = dataclasses.field(default_factory=CacheParams)
+    distill: DistillParams = dataclasses.field(default_factory=DistillParams)
+    evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
+
+    def __post_init__(self) -> None:
+        missing = [d for d in self.datasets if d not in self.corpora]
+        if missing:
+            raise ValueError(f"datasets lists `{missing[0]}` but corpora has no entry for it; add "
+                             f"`corpora: {{{missing[0]}: {{adapter: ..., root: ...}}}}` (README: Real corpora)")
 
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
+
+
+# The settings whose change changes what a stage makes (workers, batch sizes and devices do not).
+PREPROCESS_KEYS = ("sample_rate", "max_seconds", "min_seconds", "long_clips", "trim_silence", "trim_db",
+                   "normalize_loudness", "target_dbfs")
+CACHE_KEYS = ("attention_layer", "top_k", "temperature", "projector_targets")
+
+
+def preprocessing(params: Params) -> dict[str, Any]:
+    """The preprocessing settings that shape the prepared audio."""
+    return {k: getattr(params.preprocess, k) for k in PREPROCESS_KEYS}
+
+
+def cache_settings(params: Params) -> dict[str, Any]:
+    """The cache settings that shape the cached values."""
+    return {k: getattr(params.cache, k) for k in CACHE_KEYS}
+
+
+def check_dataset_name(name: str) -> None:
+    """A dataset name is a safe folder name (it never reaches outside data/ or metrics/)."""
+    import re
+
+    if not re.fullmatch(SLUG, name):
+        raise PldistillError(f"--dataset `{name}` is not a safe name; use letters, digits, - and _ only")
 
 
 def fingerprint(obj: Any) -> str:
@@ -148,53 +208,96 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise PldistillError(f"params.yaml: `{where}` must be a mapping, got {value!r}")
-        return _build(typ, value, where)
-    origin = get_origin(typ)
-    if origin is Union:  # Optional[X]
-        inner = [a for a in get_args(typ) if a is not type(None)][0]
-        return None if value is None else _coerce(value, inner, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise PldistillError(f"params.yaml: `{where}` must be a mapping, got {value!r}")
-        return {str(k): _coerce(v or {}, get_args(typ)[1], f"{where}.{k}") for k, v in value.items()}
-    if origin is Literal:
-        if value not in get_args(typ):
-            raise PldistillError(f"params.yaml: `{where}` must be one of {list(get_args(typ))}, got {value!r}")
-        return value
-    if origin is tuple:
-        items = value if isinstance(value, (list, tuple)) else [value]
-        return tuple(_coerce(v, get_args(typ)[0], f"{where}[{i}]") for i, v in enumerate(items))
-    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if typ in (int, str, bool) and type(value) is typ:
-        return value
-    raise PldistillError(f"params.yaml: `{where}` must be {getattr(typ, '__name__', typ)}, got {value!r}")
+def _key(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def _build(cls: type, raw: dict[str, Any], where: str = "") -> Any:
-    hints = get_type_hints(cls)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise PldistillError(f"params.yaml: unknown setting `{key}`; known: {', '.join(hints)}")
-    values = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
-    return cls(**values)
+def describe(error: ValidationError, where: str) -> str:
+    """The first problem of a pydantic error as one line: the key, the value, what is allowed."""
+    first = error.errors()[0]
+    key, value = _key(first["loc"]), first.get("input")
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{where}: unknown setting `{key}`; check its spelling (README lists every setting)"
+    if first["type"] == "value_error":
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+    if first["type"] == "string_pattern_mismatch":
+        return f"{where}: `{key}` = {value!r} is not a safe name; use letters, digits, - and _ only"
+    return f"{where}: `{key}` = {value!r}: {first['msg'][0].lower()}{first['msg'][1:]}"
+
+
+_PARAMS = TypeAdapter(Params)
 
 
 def load_params(path: Path = Path("params.yaml")) -> Params:
     """Read and validate params.yaml; missing settings take the defaults above."""
-    if not path.exists():
-        raise PldistillError(f"{path}: params file not found; run from the project root or pass --params")
+    if not path.is_file():
+        what = "is a folder, not a params file" if path.is_dir() else "params file not found"
+        raise PldistillError(f"{path}: {what}; run from the project root or pass --params FILE")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise PldistillError(f"{path}: malformed YAML{line}; fix the file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PldistillError(f"{path}: unreadable ({exc.__class__.__name__}); pass a YAML text file") from None
     if not isinstance(raw, dict):
         raise PldistillError(f"{path}: expected a mapping of settings at the top level")
-    return _build(Params, raw)
+    try:
+        return _PARAMS.validate_python(raw)
+    except ValidationError as exc:
+        raise PldistillError(describe(exc, str(path))) from None
+
+
+class UndeclaredParams(RuntimeError):
+    """A stage read a setting its DVC stage does not declare: a bug in pldistill (graph.py), not input."""
+
+
+class Restricted:
+    """A read-only view of settings through which a stage sees only the keys it declares as DVC
+    params (`keys`: dotted paths such as `seed`, `cache.top_k`, `corpora.ravdess`); reading any other
+    key raises, so dvc.yaml can never miss a setting a stage reads."""
+
+    def __init__(self, value: Any, keys: dict, stage: str, where: str = ""):
+        self._value, self._keys, self._stage, self._where = value, keys, stage, where
+
+    @classmethod
+    def of(cls, params: Params, keys: list[str], stage: str) -> "Params":
+        tree: dict = {}
+        for key in keys:
+            *path, last = key.split(".")
+            node = tree
+            for part in path:
+                node = node.setdefault(part, {})
+            node[last] = True
+        return cls(params, tree, stage)  # type: ignore[return-value]
+
+    def _read(self, name: str) -> Any:
+        allowed = self._keys.get(name)
+        if allowed is None:
+            raise UndeclaredParams(f"stage `{self._stage}` reads `{self._where}{name}`, which its DVC stage does not "
+                                   "declare; add it to the stage's params in pldistill_cli/graph.py")
+        value = self._value[name] if isinstance(self._value, dict) else getattr(self._value, name)
+        return value if allowed is True else Restricted(value, allowed, self._stage, f"{self._where}{name}.")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or not (dataclasses.is_dataclass(self._value) and name in
+                                        {f.name for f in dataclasses.fields(self._value)}):
+            return getattr(self._value, name)
+        return self._read(name)
+
+    def section(self, name: str) -> dict[str, Any]:
+        value = self._read(name)
+        if isinstance(value, Restricted):
+            raise UndeclaredParams(f"stage `{self._stage}` reads all of `{name}` but declares only some of its keys")
+        return dataclasses.asdict(value)
+
+    # mappings (corpora): names may be listed, only declared entries read
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._read(name) if name in self._value else default
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._value
+
+    def __iter__(self):
+        return iter(self._value)

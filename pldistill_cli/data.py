@@ -12,7 +12,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .audio import read_audio
-from .forward import PromptLayout, audio_features, audio_steps
+from .forward import audio_features, audio_steps
+from .prompt import PromptLayout
 
 
 @dataclass
@@ -47,7 +48,7 @@ def text_batch(prompt: PromptLayout, n_audio: Sequence[int], labels: Sequence[st
 class AudioClips(Dataset):
     """Rows of a manifest split -> (row index, waveform)."""
 
-    def __init__(self, rows: pd.DataFrame, sample_rate: int = 16000):
+    def __init__(self, rows: pd.DataFrame, sample_rate: int):
         self.rows = rows.reset_index(drop=True)
         self.sample_rate = sample_rate
 

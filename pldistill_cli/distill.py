@@ -8,135 +8,26 @@ encoder output and training never runs the encoder.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 from torch.utils.data import DataLoader
 
-from .config import Params, fingerprint
-from .errors import PldistillError
-from .evaluation import classification_metrics
-from .forward import PromptLayout, forward_from_encoder, score_labels, step_mask
-from .manifest import manifest_labels
-from .layout import Layout, student_name
-from .losses import answer_cross_entropy, aw_cka, aw_cka_gram, bucketed_kl
+from .cache import CachedTargets, TeacherCache, expected_meta
 from .checkpoints import load_student_llm
-from .models import (add_lora, assemble_student, build_student_llm, count_parameters, get_preset, load_encoder,
-                     provenance, save_model, weights_dtype)
-from .teacher_cache import CachedTargets, TeacherCache, cache_identity
+from .config import Params, fingerprint, preprocessing
+from .errors import PldistillError
+from .forward import score_labels
+from .layout import Layout, student_name
+from .manifest import manifest_labels
+from .methods import METHODS, TargetCollate, distillation_terms
+from .metrics import classification_metrics
+from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
+                     environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
+from .prompt import PromptLayout
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
                        start_processes, train_with_validation)
 from .ui import console, progress
-
-
-class TargetCollate:
-    """Pads cached rows into a batch (right padding); attention and top-k only where the rows carry them."""
-
-    def __init__(self, prompt: PromptLayout):
-        self.prompt = prompt
-
-    def __call__(self, items: list[dict]) -> dict:
-        b = len(items)
-        lengths = [len(i["encoded"]) for i in items]
-        t_max, s_max = max(lengths), max(len(i["input_ids"]) for i in items)
-        out = {
-            "index": torch.tensor([i["index"] for i in items]),
-            "labels": [i["label"] for i in items],
-            "encoded": torch.zeros(b, t_max, items[0]["encoded"].shape[1]),
-            "lengths": torch.tensor(lengths),
-            "input_ids": torch.full((b, s_max), self.prompt.pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros(b, s_max, dtype=torch.long),
-            "answer_mask": torch.zeros(b, s_max, dtype=torch.bool),
-            "kl_mask": torch.zeros(b, s_max - 1, dtype=torch.bool),
-        }
-        if "attention" in items[0]:
-            out["attention"] = torch.zeros(b, t_max)
-        if "gram" in items[0]:
-            out["gram"] = torch.zeros(b, t_max, t_max)
-        if "topk_ids" in items[0]:
-            k = items[0]["topk_ids"].shape[1]
-            out["topk_ids"] = torch.zeros(b, s_max - 1, k, dtype=torch.long)
-            out["topk_logprobs"] = torch.zeros(b, s_max - 1, k)
-        for j, item in enumerate(items):
-            t, s = lengths[j], len(item["input_ids"])
-            a = len(self.prompt.answer_ids(item["label"]))
-            out["encoded"][j, :t] = item["encoded"]
-            out["input_ids"][j, :s] = item["input_ids"]
-            out["attention_mask"][j, :s] = 1
-            out["answer_mask"][j, s - 1 - a : s - 1] = True
-            out["kl_mask"][j, : s - 1] = True
-            for key, width in (("attention", t), ("topk_ids", s - 1), ("topk_logprobs", s - 1)):
-                if key in out:
-                    out[key][j, :width] = item[key]
-            if "gram" in out:
-                out["gram"][j, :t, :t] = item["gram"]
-        return out
-
-
-@dataclass(frozen=True)
-class Method:
-    """Which loss terms a method switches on (CE is always on)."""
-
-    kl: str | None  # None | "answer" (KD: answer positions) | "all" (LDist: audio + text positions)
-    projector: str | None  # None | "aw_cka" | "cka" (uniform weights) | "fitnets" (MSE via a learned adapter)
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The cache columns the method reads."""
-        cols = ["id", "label", "split", "n_audio", "input_ids"]  # + encoder output, from the encoder store
-        cols += ["topk_ids", "topk_logprobs"] if self.kl else []
-        cols += ["attention"] if self.projector == "aw_cka" else []
-        return tuple(cols)
-
-
-METHODS = {
-    "ce": Method(None, None),
-    "kd": Method("answer", None),
-    "ldist": Method("all", None),
-    "pdist": Method(None, "aw_cka"),
-    "fitnets": Method("all", "fitnets"),
-    "cka": Method("all", "cka"),
-    "pl-distill": Method("all", "aw_cka"),
-}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise PldistillError(f"params.yaml: unknown distill method `{name}`; known: {', '.join(METHODS)}")
-    return METHODS[name]
-
-
-def distillation_terms(student, batch: dict, method: Method, teacher_weight: torch.Tensor,
-                       teacher_bias: torch.Tensor, lambda_p: float, lambda_l: float, temperature: float,
-                       adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The method's loss terms and their weighted sum for one batch of cached targets."""
-    logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
-                                                batch["attention_mask"])
-    terms = {"ce": answer_cross_entropy(logits, batch["input_ids"], batch["answer_mask"])}
-    loss = terms["ce"]
-    if method.projector:
-        mask = step_mask(batch["lengths"], projected.shape[1])
-
-        def teacher_features() -> torch.Tensor:  # the exact teacher projector output X W^T + b
-            return batch["encoded"].float() @ teacher_weight.T + teacher_bias
-
-        if method.projector == "fitnets":
-            error = (adapter(projected.float()) - teacher_features()).square().mean(-1)
-            terms["mse"] = (error * mask).sum() / mask.sum()
-            loss = loss + lambda_p * terms["mse"]
-        else:
-            weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
-            if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
-                terms["cka"] = aw_cka_gram(projected, batch["gram"], weights, mask).mean()
-            else:
-                terms["cka"] = aw_cka(projected, teacher_features(), weights, mask).mean()
-            loss = loss + lambda_p * (1 - terms["cka"])
-    if method.kl:
-        positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
-        terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions,
-                                  temperature).mean()
-        loss = loss + lambda_l * terms["kl"]
-    return {"loss": loss, **terms}
 
 
 @torch.no_grad()
@@ -174,14 +65,14 @@ def build_student(params: Params, processor, teacher_dir, seed: int) -> tuple[to
 
 
 def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), method_name: str | None = None,
-            seed: int | None = None) -> dict:
+            seed: int | None = None) -> ModelMeta:
     """Train the student of one method (default `distill.method`) with one seed (default `seed`) on the
     fold's cached targets; data-parallel over the processes torchrun or accelerate launch started."""
     p = params.distill
     method_name = method_name or p.method
     seed = params.seed if seed is None else seed
     name = student_name(method_name, seed)
-    method = get_method(method_name)
+    method = METHODS[method_name]
     device = resolve_device(p.device)
     processes = start_processes(device, params.world_size)
     labels = manifest_labels(layout.manifest(dataset))
@@ -189,10 +80,11 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(teacher_dir)  # the student always uses the teacher's processor
+    check_sample_rate(processor, params.preprocess.sample_rate)
     prompt = PromptLayout.from_processor(processor, labels)
-    cache = TeacherCache.open(layout.cache(dataset, fold), cache_identity(teacher_dir, prompt, params), prompt)
+    cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher_dir, prompt, params), prompt)
     columns = method.columns
-    if cache.meta["cache"]["projector_targets"] == "gram" and method.projector in ("aw_cka", "cka"):
+    if cache.meta.cache["projector_targets"] == "gram" and method.projector in ("aw_cka", "cka"):
         columns += ("gram",)
     train, validation = cache.split("train", columns), cache.split("validation", columns)
     if not len(train) or not len(validation):
@@ -230,22 +122,24 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     def terms(batch: dict) -> dict[str, torch.Tensor]:
         with autocast(device):
             return distillation_terms(student, _to(batch, device), method, teacher_weight, teacher_bias, p.lambda_p,
-                                      p.lambda_l, cache.meta["cache"]["temperature"], adapter)
+                                      p.lambda_l, cache.meta.cache["temperature"], adapter)
 
     truth = validation.rows["label"].tolist()
 
     def validate() -> float:
         return classification_metrics(truth, predict_cached(student, prompt, validation, p.batch_size, device), labels)["ua"]
 
-    made_by = {"stage": "distill", "method": method_name, "dataset": dataset, "fold": fold, "labels": list(labels),
-               "prompt": prompt.text, "preset": params.model.preset, "student_llm": llm_origin,
-               "seed": seed, "teacher": provenance(teacher_dir),
-               "cache": cache.meta, "params": {"distill": params.section("distill"), "model": params.section("model")}}
+    made_by = ModelMeta(
+        "distill", dataset, fold, labels, prompt.text, params.model.preset, seed,
+        {"distill": params.section("distill"), "model": params.section("model"), "preprocess": preprocessing(params)},
+        environment(device), method=method_name,
+        student_llm=llm_origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
     work = layout.work(dataset, fold, name)
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
     result = train_with_validation(TrainingStep(trained, terms), batches, validate, settings, len(batches(0)), work,
-                                   fingerprint(made_by), f"distill {name} {dataset} fold {fold}")
-    summary = {**made_by, "best_epoch": result.best_epoch, "validation_ua": result.best_score, "history": result.history}
+                                   fingerprint(dataclasses.asdict(made_by)), f"distill {name} {dataset} fold {fold}")
+    summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
+                                  history=tuple(result.history))
     if processes.is_main_process:
         if lora is not None:
             lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model

@@ -1,11 +1,10 @@
-"""Inputs and forward passes shared by every stage: prompt ids, audio features, the encoder, the
+"""Inputs and forward passes shared by every stage: audio features, the encoder, the
 LLM on top of (cached) encoder output, attention capture at one layer, and label scoring."""
 
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -16,56 +15,18 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, apply_rotary_pos_emb, repeat_kv
 
 from .errors import PldistillError
-from .labels import SYSTEM_PROMPT, user_prompt
-from .models import AUDIO_TOKEN, END_OF_TURN
+from .losses import topk_logprobs
+from .prompt import PromptLayout
 
 # The LLM's KV-cache keyword and output field: `past_key_values` up to transformers 5.23 (the GPU
 # image has 5.17), `cache` from 5.24 (which accepts `past_key_values` until 5.40, deprecated).
 CACHE = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
-@dataclass(frozen=True)
-class PromptLayout:
-    """Token ids of the chat prompt around the audio, and of each answer (label tokens + end of turn).
-    Rendered once with the processor's own chat template, so any Qwen2-Audio processor works."""
-
-    prefix: tuple[int, ...]
-    suffix: tuple[int, ...]
-    labels: tuple[str, ...]
-    answers: tuple[tuple[int, ...], ...]
-    audio_token_id: int
-    pad_id: int
-    text: str
-
-    @classmethod
-    def from_processor(cls, processor: Qwen2AudioProcessor, labels: Sequence[str]) -> "PromptLayout":
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": user_prompt(tuple(labels))}]},
-        ]
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        tokenizer = processor.tokenizer
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
-        if ids.count(audio_id) != 1:
-            raise PldistillError(f"the processor's chat template must place exactly one {AUDIO_TOKEN}; got {ids.count(audio_id)}")
-        at = ids.index(audio_id)
-        eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        answers = tuple(tuple(tokenizer(label, add_special_tokens=False)["input_ids"]) + (eot,) for label in labels)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
-        return cls(tuple(ids[:at]), tuple(ids[at + 1 :]), tuple(labels), answers, audio_id, pad, text)
-
-    def prompt_ids(self, n_audio: int) -> list[int]:
-        return [*self.prefix, *([self.audio_token_id] * n_audio), *self.suffix]
-
-    def answer_ids(self, label: str) -> tuple[int, ...]:
-        return self.answers[self.labels.index(label)]
-
-
 def audio_features(processor: Qwen2AudioProcessor, waves: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     """Log-mel features padded to the encoder window, and their frame mask (clips beyond it are cut)."""
     out = processor.feature_extractor(
-        list(waves), sampling_rate=16000, padding="max_length", truncation=True, return_attention_mask=True,
+        list(waves), sampling_rate=processor.feature_extractor.sampling_rate, padding="max_length", truncation=True, return_attention_mask=True,
         return_tensors="pt",
     )
     return out["input_features"], out["attention_mask"]
@@ -218,3 +179,13 @@ def score_labels(
     first_lp = first.repeat_interleave(n, 0).gather(1, cand_ids[:, :1])[:, 0]
     rest = logp[:, :-1].gather(2, cand_ids[:, 1:, None])[..., 0] * cand_mask.repeat(b, 1)[:, 1:]
     return (first_lp + rest.sum(-1)).view(b, n)
+
+
+def topk_from_hidden(head: torch.nn.Module, hidden: torch.Tensor, k: int, temperature: float,
+                     positions: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk_logprobs(head(hidden)), computed `positions` rows at a time: the dense logits of a whole
+    batch (B x S x 156,032 for Qwen2-Audio) never exist at once."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    chunks = [topk_logprobs(head(flat[i : i + positions]), k, temperature) for i in range(0, len(flat), positions)]
+    shape = (*hidden.shape[:-1], k)
+    return torch.cat([c[0] for c in chunks]).view(shape), torch.cat([c[1] for c in chunks]).view(shape)

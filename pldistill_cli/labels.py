@@ -1,13 +1,9 @@
-"""Label sets, label words and the prompt, per dataset: the one place they are defined (as in the paper)."""
+"""Label sets and label words per dataset (as in the paper), raw corpus codes, and corpus licences."""
 
 from __future__ import annotations
 
 from .errors import PldistillError
 
-SYSTEM_PROMPT = "You are a helpful assistant."
-USER_PROMPT = (
-    "Please identify the emotion of this audio clip, then choose one word from [{labels}] as your answer."
-)
 
 _RAVDESS = ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm")
 
@@ -43,7 +39,3 @@ def label_set(dataset: str) -> tuple[str, ...]:
         return LABEL_SETS[dataset]
     except KeyError:
         raise PldistillError(f"no label set for dataset `{dataset}`; known: {', '.join(LABEL_SETS)}") from None
-
-
-def user_prompt(labels: tuple[str, ...]) -> str:
-    return USER_PROMPT.format(labels=", ".join(labels))

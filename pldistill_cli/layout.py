@@ -43,12 +43,19 @@ class Layout:
         """The corpus's encoder outputs under one encoder and preprocessing (`key`): shared by its folds."""
         return self.data / "encoded" / dataset / key
 
-    def work(self, dataset: str, fold: int, stage: str) -> Path:
-        """Resumable state of an interrupted stage; DVC never deletes it (persistent output)."""
-        return self.data / "work" / dataset / f"fold{fold}" / stage
+    def work(self, dataset: str, fold: int | None, stage: str) -> Path:
+        """Resumable state of a stage (of a dataset, or of one of its folds); no stage declares it, so
+        DVC never deletes it."""
+        return self.data / "work" / dataset / (f"fold{fold}" if fold is not None else "") / stage
 
     def metrics(self, dataset: str, fold: int, model: str) -> Path:
         return self.metrics_root / dataset / f"fold{fold}" / f"{model}.json"
+
+    def details(self, dataset: str, fold: int, model: str) -> Path:
+        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-details.json"
+
+    def latency(self, dataset: str, fold: int, model: str) -> Path:
+        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-latency.json"
 
     def attention_examples(self, dataset: str, fold: int) -> Path:
         return self.metrics_root / dataset / f"fold{fold}" / "teacher-attention.json"

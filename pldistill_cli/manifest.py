@@ -10,14 +10,13 @@ from the training side and never from the test fold.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import PldistillError
+from .files import atomic_path
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -59,10 +58,8 @@ def write_manifest(df: pd.DataFrame, path: Path, labels: tuple[str, ...]) -> Non
     validate_manifest(df, str(path), labels)
     schema = MANIFEST_SCHEMA.with_metadata({LABELS_KEY: json.dumps(list(labels)).encode()})
     table = pa.Table.from_pandas(df[[f.name for f in MANIFEST_SCHEMA]], schema=schema, preserve_index=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _read(path: Path, schema_only: bool = False) -> pa.Table | pa.Schema:
@@ -90,10 +87,23 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return df
 
 
+def check_fold(path: Path, fold: int) -> None:
+    """The fold exists in the manifest and has train, validation and test rows (read without pandas)."""
+    table = _read(path)
+    folds, validation = table.column("fold").to_pylist(), table.column("validation_fold").to_pylist()
+    if fold not in folds:
+        raise PldistillError(f"fold {fold} does not exist; this dataset has folds {sorted(set(folds))}")
+    if fold not in validation or all(fold in (f, v) for f, v in zip(folds, validation)):
+        raise PldistillError(f"{path}: fold {fold} has an empty validation or training split; re-run "
+                             "`pldistill preprocess` with more speakers or folds")
+
+
 def split_of(df: pd.DataFrame, fold: int) -> pd.Series:
     """'train' / 'validation' / 'test' for every row, for this fold."""
     if fold not in set(df["fold"]):
         raise PldistillError(f"fold {fold} does not exist; this dataset has folds {sorted(set(df['fold']))}")
+    import pandas as pd
+
     split = pd.Series("train", index=df.index)
     split[df["validation_fold"] == fold] = "validation"
     split[df["fold"] == fold] = "test"

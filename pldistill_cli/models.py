@@ -7,13 +7,11 @@ smaller LLM; it always uses the teacher's processor (tokenizer, feature extracto
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
 from transformers import (
@@ -28,27 +26,20 @@ from transformers import (
 from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
 from transformers.utils import logging as hf_logging
 
+from pydantic import TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass as validated
+
+from .checkpoints import Checkpoint, resolve_checkpoint, weights_fingerprint
+from .config import fingerprint
 from .errors import PldistillError
-from .labels import LABEL_SETS, SYSTEM_PROMPT, user_prompt
+from .files import fresh_folder, replace_folder, write_json
+from .labels import LABEL_SETS
+from .prompt import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, SYSTEM_PROMPT, user_prompt
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS = "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", AUDIO_TOKEN, AUDIO_BOS, AUDIO_EOS)
-END_OF_TURN = "<|im_end|>"
 METADATA_FILE = "pldistill.json"
-
-# Qwen2-Audio's chat format, written for the tiny preset (real checkpoints bring their own template).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% set audio_count = namespace(n=0) %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'audio' %}{% set audio_count.n = audio_count.n + 1 %}"
-    "Audio {{ audio_count.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -127,9 +118,20 @@ def build_tokenizer(vocab_size: int, audio_tokens: bool = True) -> PreTrainedTok
                                    additional_special_tokens=specials)
 
 
+ENCODER_RATE = 16000  # Whisper-style log-mels: 25 ms windows, 10 ms hops at 16 kHz
+
+
+def check_sample_rate(processor, sample_rate: int) -> None:
+    """The prepared audio's rate (preprocess.sample_rate) must be the one the model's features expect."""
+    expected = processor.feature_extractor.sampling_rate
+    if sample_rate != expected:
+        raise PldistillError(f"params.yaml: preprocess.sample_rate is {sample_rate} but the model's feature "
+                             f"extractor expects {expected} Hz; set it to {expected} and re-run `pldistill preprocess`")
+
+
 def build_processor(preset: Preset) -> Qwen2AudioProcessor:
     features = WhisperFeatureExtractor(
-        feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, chunk_length=preset.window_seconds
+        feature_size=128, sampling_rate=ENCODER_RATE, hop_length=160, n_fft=400, chunk_length=preset.window_seconds
     )
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=build_tokenizer(preset.vocab_size),
                                chat_template=CHAT_TEMPLATE)
@@ -235,43 +237,65 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
-def weights_fingerprint(folder: Path) -> str:
-    """Hash of a model folder's weights (whole files up to 1 GiB; name, size, head and tail beyond)."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
-            if size <= 1 << 30:
-                digest.update(f.read())
-            else:
-                digest.update(f.read(1 << 20))
-                f.seek(-(1 << 20), os.SEEK_END)
-                digest.update(f.read())
-    return digest.hexdigest()[:16]
+@validated(frozen=True)
+class ModelMeta:
+    """pldistill.json, the metadata every model folder carries: written by train-teacher, distill and
+    export through save_model / save_reference, read (and validated) through ModelMeta.read."""
+
+    stage: Literal["train-teacher", "distill", "export"]
+    dataset: str
+    fold: int
+    labels: tuple[str, ...]
+    prompt: str
+    preset: str
+    seed: int
+    params: dict[str, Any]  # the params sections that made it
+    versions: dict[str, str]  # python, torch, transformers, numpy and the device that made it
+    mode: Optional[str] = None  # teacher: full | lora | zero-shot
+    method: Optional[str] = None  # student: its distillation method
+    checkpoint: Optional[dict[str, str]] = None  # a teacher from a real checkpoint: source, revision
+    base: Optional[dict[str, str]] = None  # a model kept as a reference to a checkpoint: source, revision, path
+    student_llm: Optional[dict[str, Any]] = None  # where a student's LLM came from
+    teacher: Optional[dict[str, Any]] = None  # a student's teacher: provenance()
+    cache: Optional[dict[str, Any]] = None  # a student's cache: its CacheMeta
+    best_epoch: Optional[int] = None
+    validation_ua: Optional[float] = None
+    history: tuple[dict[str, float], ...] = ()  # per epoch: mean loss terms, validation UA, diagnostics
+    test_metrics: Optional[dict[str, Any]] = None  # export: the test scores of the exported run
+    weights: Optional[str] = None  # hash of the weights, set when saved
+
+    def write(self, folder: Path) -> None:
+        write_json(folder / METADATA_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, folder: Path) -> "ModelMeta":
+        path = folder / METADATA_FILE
+        if not path.exists():
+            raise PldistillError(f"{folder}: no {METADATA_FILE}; not a pldistill model folder (run the stage that "
+                                 "makes it, or pass a folder made by pldistill)")
+        try:
+            return TypeAdapter(cls).validate_python(json.loads(path.read_text()))
+        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError):
+            raise PldistillError(f"{path}: not a valid model description; re-run the stage that made it") from None
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
-    """Replace `folder` by `tmp`: readers see the old folder or the new, never half of one."""
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+def environment(device: torch.device | str) -> dict[str, str]:
+    """The versions and device that made an output: the same ones reproduce it bit for bit."""
+    import platform
+
+    import numpy
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "device": str(device),
+            "machine": platform.machine()}
 
 
-def _fresh(folder: Path) -> Path:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return tmp
-
-
-def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, metadata: dict[str, Any]) -> None:
+def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, meta: ModelMeta) -> None:
     """save_pretrained into a temporary folder, then swap it in. Tied output and input embeddings
     are written as two equal tensors: the container has no tied-weight declaration, so plain
     transformers loads them back correctly only that way."""
-    tmp = _fresh(folder)
+    tmp = fresh_folder(folder)
     head, embed = model.lm_head, model.model.language_model.embed_tokens
     tied = head.weight is embed.weight
     if tied:
@@ -282,36 +306,31 @@ def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: P
         if tied:
             head.weight = embed.weight
     processor.save_pretrained(tmp)
-    metadata = {**metadata, "weights": weights_fingerprint(tmp)}
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-    _swap_in(tmp, folder)
+    dataclasses.replace(meta, weights=weights_fingerprint(tmp)).write(tmp)
+    replace_folder(tmp, folder)
 
 
-def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Any, metadata: dict[str, Any],
+def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoint, meta: ModelMeta,
                    adapter: Any = None) -> None:
-    """A model kept as a pointer to a checkpoint (`base`, a checkpoints.Checkpoint) plus, if given, a
-    peft LoRA adapter: no copy of the checkpoint's weights. load_model resolves it."""
-    tmp = _fresh(folder)
-    tmp.mkdir(parents=True)
+    """A model kept as a pointer to a checkpoint (`base`) plus, if given, a peft LoRA adapter: no copy
+    of the checkpoint's weights. load_model resolves it."""
+    tmp = fresh_folder(folder)
     if adapter is not None:
         adapter.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    weights = json.dumps([base.source, base.revision, weights_fingerprint(tmp)])
-    metadata = {**metadata, "base": {"source": base.source, "revision": base.revision, "path": str(base.path)},
-                "weights": hashlib.sha256(weights.encode()).hexdigest()[:16]}
-    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-    _swap_in(tmp, folder)
+    weights = fingerprint([base.source, base.revision, weights_fingerprint(tmp)])
+    pointer = {"source": base.source, "revision": base.revision, "path": str(base.path)}
+    dataclasses.replace(meta, base=pointer, weights=weights).write(tmp)
+    replace_folder(tmp, folder)
 
 
 def model_files(folder: Path, missing_hint: str = "run the stage that makes it first") -> Path:
     """The folder holding a saved model's config and weights: the folder itself, or for a model kept
     as a reference (save_reference), the checkpoint it names, checked to be the same revision."""
-    base = read_metadata(folder).get("base")
+    base = ModelMeta.read(folder).base if (folder / METADATA_FILE).exists() else None
     if (folder / "config.json").exists() or not base:
         qwen2_audio_config(folder, missing_hint)
         return folder
-    from .checkpoints import resolve_checkpoint
-
     checkpoint = resolve_checkpoint(base["source"], base["revision"], f"{folder}: base checkpoint")
     if checkpoint.revision != base["revision"]:
         raise PldistillError(f"{folder}: its checkpoint `{base['source']}` changed since it was made (revision "
@@ -328,16 +347,11 @@ def weights_dtype(setting: str, device: torch.device, frozen: bool) -> torch.dty
     return torch.float32
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
-    path = folder / METADATA_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def provenance(folder: Path) -> dict[str, Any]:
     """What identifies a saved model in the outputs made from it: its folder, weights hash and, for a
     model from a real checkpoint, that checkpoint's source and revision."""
-    made_by = read_metadata(folder)
-    return {"path": str(folder), "weights": made_by.get("weights"), "checkpoint": made_by.get("checkpoint")}
+    made_by = ModelMeta.read(folder)
+    return {"path": str(folder), "weights": made_by.weights, "checkpoint": made_by.checkpoint}
 
 
 def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):

@@ -3,26 +3,38 @@
 Every source file is read with soundfile (any format, rate and channel count), down-mixed,
 resampled with torchaudio, optionally silence-trimmed and loudness-normalised, and written as
 PCM16 wav. Clips longer than `max_seconds` (the encoder window) are truncated to it or skipped
-(`long_clips`), and counted. A corrupt, empty, silent or non-finite file is skipped and listed in
-the quarantine with its reason. An index records each source's size, mtime and the settings that
-conditioned it, so a re-run (or a resumed, interrupted run) does not process an unchanged file twice.
+(`long_clips`); clips shorter than `min_seconds`, and corrupt, empty, silent or non-finite files,
+are skipped and listed in the quarantine with their reason; listed files that do not exist are
+listed as missing. The same audio listed twice (by resolved path or by content) is kept once and
+counted, or, listed with different labels or speakers, is an error naming both.
+
+Conditioned clips are kept in a work cache (data/work/<dataset>/preprocess/, with an index of each
+source's size, mtime, content hash and the settings that conditioned it), so a re-run, or a resumed
+interrupted run, conditions only new or changed sources. The prepared folder is then built aside
+(clips hard-linked from the cache) and swapped in: a failed run leaves the previous prepared data
+exactly as it was.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
+import shutil
+import signal
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from .audio import BadAudio, normalize_loudness, read_audio, trim_silence, write_wav
-from .config import Params, PreprocessParams, fingerprint
-from .datasets import resolve
+from .config import Params, PreprocessParams, fingerprint, preprocessing
+from .datasets import SourceItem, resolve
 from .errors import PldistillError
+from .files import exclusive, fresh_folder, replace_folder, write_json
 from .layout import Layout
 from .manifest import write_manifest
 from .ui import console, progress
@@ -40,15 +52,31 @@ class PreprocessResult:
     truncated: int
 
 
-def _single_thread() -> None:
-    # Each worker handles one clip at a time; torch's intra-op threads would only oversubscribe.
+def _worker_init() -> None:
+    # One clip at a time per worker: torch's intra-op threads would only oversubscribe. Workers die with
+    # the parent (even on kill -9) and leave Ctrl-C to it.
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the parent's shutdown still stops them
+        pass
+
+
+def content_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:24]
 
 
 def condition(source: str, target: str, settings: PreprocessParams) -> dict:
-    """Condition one file; returns {"duration", "truncated"} or {"reason"} for a skipped file."""
+    """Condition one file; returns {"duration", "truncated"} or {"reason"} for a skipped file, and the
+    source's content hash."""
+    digest = content_hash(Path(source))
     try:
         wave = read_audio(source, settings.sample_rate)
         if settings.trim_silence:
@@ -56,14 +84,16 @@ def condition(source: str, target: str, settings: PreprocessParams) -> dict:
         if settings.normalize_loudness:
             wave = normalize_loudness(wave, settings.target_dbfs)
     except BadAudio as exc:
-        return {"reason": str(exc)}
+        return {"reason": str(exc), "sha": digest}
+    if len(wave) < settings.min_seconds * settings.sample_rate:
+        return {"reason": f"shorter than min_seconds ({len(wave) / settings.sample_rate:.3f} s < "
+                          f"{settings.min_seconds:g} s)", "sha": digest}
     limit = int(settings.max_seconds * settings.sample_rate)
     truncated = len(wave) > limit
     if truncated and settings.long_clips == "skip":
-        return {"reason": f"longer than {settings.max_seconds:g} s (long_clips: skip)"}
-    wave = wave[:limit]
-    write_wav(Path(target), wave, settings.sample_rate)
-    return {"duration": len(wave) / settings.sample_rate, "truncated": truncated}
+        return {"reason": f"longer than {settings.max_seconds:g} s (long_clips: skip)", "sha": digest}
+    write_wav(Path(target), wave[:limit], settings.sample_rate)
+    return {"duration": min(len(wave), limit) / settings.sample_rate, "truncated": truncated, "sha": digest}
 
 
 def _signature(path: Path, settings_fp: str) -> str:
@@ -71,61 +101,86 @@ def _signature(path: Path, settings_fp: str) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}:{settings_fp}"
 
 
-def _save_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _same(a: SourceItem, b: SourceItem) -> bool:
+    return a.label == b.label and a.speaker == b.speaker
+
+
+def _dedupe(items: list[SourceItem], key, what: str, excluded: Counter) -> list[SourceItem]:
+    """Keep the first of items with the same key; a repeat with another label or speaker is an error."""
+    first: dict = {}
+    kept = []
+    for item in items:
+        k = key(item)
+        if k is None or k not in first:
+            first.setdefault(k, item)
+            kept.append(item)
+        elif _same(first[k], item):
+            excluded[f"duplicate ({what})"] += 1
+        else:
+            other = first[k]
+            raise PldistillError(f"{item.source_path} ({item.label}, speaker {item.speaker}) and {other.source_path} "
+                                 f"({other.label}, speaker {other.speaker}) are the same {what} with different labels "
+                                 "or speakers; keep one of them in the corpus")
+    return kept
+
+
+def _condition_all(todo: list[tuple[SourceItem, Path, str]], settings: PreprocessParams, index: dict,
+                   index_file: Path, done: int, total: int, dataset: str) -> None:
+    with ProcessPoolExecutor(max(1, settings.workers), initializer=_worker_init) as pool, progress(
+        f"condition {dataset}", total
+    ) as bar:
+        bar.update(completed=done)
+        outcomes = pool.map(condition, [str(i.source_path) for i, _, _ in todo], [str(t) for _, t, _ in todo],
+                            [settings] * len(todo), chunksize=8)
+        for n, ((item, _, signature), outcome) in enumerate(zip(todo, outcomes), 1):
+            index[item.utt_id] = {**outcome, "signature": signature}
+            bar.advance()
+            if n % INDEX_SAVE_EVERY == 0:
+                write_json(index_file, index)  # an interrupted run resumes from here
+    write_json(index_file, index)
 
 
 def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Path | None = None,
                **corpus_overrides: str | None) -> PreprocessResult:
     adapter, corpus = resolve(dataset, params, root, **corpus_overrides)
+    work = layout.work(dataset, None, "preprocess")
+    with exclusive(work, f"preprocess of {dataset}"):
+        return _preprocess(dataset, params, layout, adapter, corpus, work)
+
+
+def _preprocess(dataset: str, params: Params, layout: Layout, adapter, corpus, work: Path) -> PreprocessResult:
     with progress(f"collect {dataset}", None) as bar:
         collected = adapter.collect(dataset, corpus, params, layout, bar.advance)
-    items = collected.items
+    excluded = Counter(collected.excluded)
+    items = _dedupe(collected.items, lambda i: i.source_path.resolve(), "file", excluded)
     if not items:
         raise PldistillError(f"{corpus.root or dataset}: no recognisable {dataset} files found")
     unknown = sorted({i.label for i in items} - set(collected.labels))
     if unknown:
         raise PldistillError(f"{dataset}: labels {unknown} are outside the label set {list(collected.labels)}")
 
-    out_dir = layout.prepared(dataset)
-    audio_dir = out_dir / "audio"
-    audio_dir.mkdir(parents=True, exist_ok=True)
     settings = params.preprocess
-    settings_fp = fingerprint(asdict(settings))
-    index_file = out_dir / "index.json"
+    settings_fp = fingerprint(preprocessing(params))
+    cache_dir, index_file = work / "audio", work / "index.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
     index = json.loads(index_file.read_text()) if index_file.exists() else {}
-    results: dict[str, dict] = {}
-    todo = []
+    missing, todo = list(collected.missing), []
     for item in items:
-        target = audio_dir / f"{item.utt_id}.wav"
-        if not item.source_path.exists():
-            results[item.utt_id] = {"reason": "source file missing"}
+        if not item.source_path.is_file():
+            missing.append(str(item.source_path))
             continue
-        signature = _signature(item.source_path, settings_fp)
-        known = index.get(item.utt_id)
-        if known and known["signature"] == signature and ("reason" in known or target.exists()):
-            results[item.utt_id] = known
-        else:
-            todo.append((item, target, signature))
-
-    with ProcessPoolExecutor(max(1, settings.workers), initializer=_single_thread) as pool, progress(
-        f"condition {dataset}", len(items)
-    ) as bar:
-        bar.update(completed=len(results))
-        outcomes = pool.map(condition, [str(i.source_path) for i, _, _ in todo], [str(t) for _, t, _ in todo],
-                            [settings] * len(todo), chunksize=8)
-        for n, ((item, _, signature), outcome) in enumerate(zip(todo, outcomes), 1):
-            results[item.utt_id] = index[item.utt_id] = {**outcome, "signature": signature}
-            bar.advance()
-            if n % INDEX_SAVE_EVERY == 0:
-                _save_json(index_file, index)  # an interrupted run resumes from here
-    _save_json(index_file, index)
+        signature, known = _signature(item.source_path, settings_fp), index.get(item.utt_id)
+        cached = cache_dir / f"{item.utt_id}.wav"
+        if not (known and known["signature"] == signature and ("reason" in known or cached.exists())):
+            todo.append((item, cached, signature))
+    missing_set = set(missing)
+    present = [i for i in items if str(i.source_path) not in missing_set]
+    _condition_all(todo, settings, index, index_file, len(present) - len(todo), len(present), dataset)
+    present = _dedupe(present, lambda i: index[i.utt_id]["sha"], "audio content", excluded)
 
     rows, quarantine, truncated = [], [], 0
-    for item in items:
-        result = results[item.utt_id]
+    for item in present:
+        result = index[item.utt_id]
         if "reason" in result:
             quarantine.append({"path": str(item.source_path), "reason": result["reason"]})
             continue
@@ -137,11 +192,12 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
             "speaker_independent": item.speaker_independent,
         })
     if not rows:
-        raise PldistillError(f"{dataset}: every file was unusable; see {out_dir / 'summary.json'}")
+        raise PldistillError(f"{dataset}: every file was unusable ({len(quarantine)} quarantined, {len(missing)} "
+                             f"missing); first: {(quarantine[0]['path'] + ': ' + quarantine[0]['reason']) if quarantine else missing[0]}")
     manifest = pd.DataFrame(rows)
-    write_manifest(manifest, layout.manifest(dataset), collected.labels)
     counts = {label: int(n) for label, n in Counter(manifest["label"]).most_common()}
-    _save_json(out_dir / "summary.json", {
+    excluded = {reason: n for reason, n in sorted(excluded.items())}
+    summary = {
         "dataset": dataset,
         "adapter": adapter.name,
         "utterances": len(manifest),
@@ -150,15 +206,34 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
         "hours": round(float(manifest["duration"].sum()) / 3600, 4),
         "labels": list(collected.labels),
         "label_counts": counts,
-        "left_out": collected.excluded,
+        "left_out": excluded,
         "truncated_to_max_seconds": truncated,
         "quarantine": quarantine,
-        "preprocess": asdict(settings),
-    })
+        "missing": missing,
+        "preprocess": preprocessing(params),
+    }
+
+    # Build the new prepared folder aside, then swap it in: a failure above left the old one as it was.
+    prepared = layout.prepared(dataset)
+    tmp = fresh_folder(prepared)
+    (tmp / "audio").mkdir()
+    for row in rows:
+        source, target = cache_dir / f"{row['id']}.wav", tmp / row["audio_path"]
+        try:
+            os.link(source, target)  # no copy: the cache's file is never rewritten in place
+        except OSError:
+            shutil.copyfile(source, target)
+    write_manifest(manifest, tmp / "manifest.parquet", collected.labels)
+    write_json(tmp / "summary.json", summary)
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    replace_folder(tmp, prepared)
+
     for bad in quarantine:
         console.print(f"[yellow]skipped[/] {bad['path']}: {bad['reason']}", highlight=False)
-    for reason, n in collected.excluded.items():
+    for path in missing:
+        console.print(f"[yellow]missing[/] {path}: listed but not found", highlight=False)
+    for reason, n in excluded.items():
         console.print(f"left out: {n} x {reason}", highlight=False)
     if truncated:
         console.print(f"{truncated} clips longer than {settings.max_seconds:g} s were truncated to it")
-    return PreprocessResult(layout.manifest(dataset), len(manifest), counts, quarantine, collected.excluded, truncated)
+    return PreprocessResult(layout.manifest(dataset), len(manifest), counts, quarantine, excluded, truncated)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,15 +15,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import soundfile as sf
 
+from .cache import TeacherCache, expected_meta
 from .config import Params
 from .errors import PldistillError
-from .evaluation import bootstrap_ua, classification_metrics, confusion
+from .files import atomic_path, write_text
 from .layout import Layout, student_name
 from .manifest import manifest_labels
-from .models import read_metadata
+from .metrics import classification_metrics, cluster_bootstrap_ua, confusion
+from .models import ModelMeta
+from .prompt import PromptLayout
 
 
 def _load(path: Path) -> dict:
@@ -41,10 +42,9 @@ def _runs(params: Params) -> list[tuple[str, str, int | None]]:
 def _save(fig, path: Path, layout: bool = True) -> Path:
     if layout:
         fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})  # no version stamp: same bytes
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -121,19 +121,17 @@ def _latency(latencies: dict[str, tuple[float, float]], out: Path) -> Path:
     return _save(fig, out)
 
 
-def _cache_stats(layout: Layout, dataset: str, fold: int, labels: tuple[str, ...]) -> pd.DataFrame:
+def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels: tuple[str, ...]) -> pd.DataFrame:
     """Per cached clip: the teacher's (tempered) probability of the true answer's first token, and the
     effective number of audio steps of its attention weights."""
     from transformers import AutoProcessor
 
-    from .forward import PromptLayout
-
-    prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(layout.teacher(dataset, fold)), labels)
-    folder = layout.cache(dataset, fold)
-    meta = json.loads((folder / "meta.json").read_text())
+    teacher = layout.teacher(dataset, fold)
+    prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(teacher), labels)
+    cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher, prompt, params), prompt)
+    meta = {"cache": cache.meta.cache}
     k = meta["cache"]["top_k"]
-    rows = pq.ParquetDataset(sorted(folder.glob("part-*.parquet"))).read(
-        columns=["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"]).to_pandas()
+    rows = cache.table(["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"])
     confidence = []
     for r in rows.itertuples():
         start = len(r.input_ids) - len(prompt.answer_ids(r.label))  # the answer closes the sequence
@@ -223,10 +221,10 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
         table, names, recalls, latencies = [], {}, {}, {}
         for title, prefix, seed in _runs(params):
             name = prefix if seed is None else student_name(prefix, seed)
-            metrics = [_load(layout.metrics(dataset, f, name)) for f in folds]
+            metrics = [_load(layout.details(dataset, f, name)) for f in folds]
             pooled = _pooled(layout, dataset, folds, name)
             pooled_m = classification_metrics(pooled["label"], pooled["prediction"], labels)
-            lo, hi = bootstrap_ua(pooled["label"], pooled["prediction"], seed=params.seed)
+            lo, hi = cluster_bootstrap_ua(pooled["label"], pooled["prediction"], pooled["speaker"], seed=params.seed)
             n_params = metrics[0]["parameters"]
             teacher_params = teacher_params or n_params
             label = title if seed is None or len(params.seeds) == 1 else f"{title} (seed {seed})"
@@ -237,16 +235,17 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
             if seed in (None, params.seeds[0]):
                 names[title.replace("student: ", "")] = name
                 recalls[title.replace("student: ", "")] = pooled_m["recall"]
-                latencies[title.replace("student: ", "")] = (np.mean([m["latency_ms"]["encoder"] for m in metrics]),
-                                                             np.mean([m["latency_ms"]["llm"] for m in metrics]))
+                timing = [_load(layout.latency(dataset, f, name)) for f in folds]
+                latencies[title.replace("student: ", "")] = (np.mean([t["encoder_ms"] for t in timing]),
+                                                             np.mean([t["llm_ms"] for t in timing]))
         table += _experiment_rows(dataset, folds)
-        refs = [_load(layout.metrics(dataset, f, "references")) for f in folds]
         for key in ("duration", "prosody"):
+            refs = [_load(layout.details(dataset, f, key)) for f in folds]
             pooled = _pooled(layout, dataset, folds, key)
             pooled_m = classification_metrics(pooled["label"], pooled["prediction"], labels)
-            table.append([f"reference: {refs[0][key]['description']}", "-", "-",
-                          _fmt([r[key]["wa"] for r in refs]), _fmt([r[key]["ua"] for r in refs]),
-                          _fmt([r[key]["macro_f1"] for r in refs]), f"{pooled_m['ua']:.3f}", "-"])
+            table.append([f"reference: {refs[0]['description']}", "-", "-",
+                          _fmt([r["wa"] for r in refs]), _fmt([r["ua"] for r in refs]),
+                          _fmt([r["macro_f1"] for r in refs]), f"{pooled_m['ua']:.3f}", "-"])
         md += [f"## {dataset} (folds {folds}; {len(labels)} classes, chance UA {1 / len(labels):.3f})", ""]
         md += _table(table, ["model", "parameters", "compression", "WA", "UA", "macro-F1", "pooled UA [95% CI]",
                              "unmatched"])
@@ -260,16 +259,16 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
         figures.append((f"{dataset}: inference latency (encoder vs LLM)",
                         _latency(latencies, pictures / f"{dataset}-latency.png")))
         fold = folds[0]
-        histories = {"teacher": read_metadata(layout.teacher(dataset, fold)).get("history", [])}
+        histories = {"teacher": list(ModelMeta.read(layout.teacher(dataset, fold)).history)}
         for method in params.methods:
             run = student_name(method, params.seeds[0])
-            histories[method] = read_metadata(layout.student(dataset, fold, run)).get("history", [])
+            histories[method] = list(ModelMeta.read(layout.student(dataset, fold, run)).history)
         for name, history in histories.items():
-            curves_rows += [{"dataset": dataset, "fold": fold, "run": name, **r} for r in history]
+            curves_rows += [{"run": f"{dataset}/fold{fold}/{name}", **r} for r in history]
         figures.append((f"{dataset} fold {fold}: training curves of each loss term (per-epoch means) and validation UA",
                         _curves(histories, pictures / f"{dataset}-curves.png")))
         figures.append((f"{dataset} fold {fold}: the teacher's confidence and attention spread on the clips it was "
-                        "cached on", _confidence_figure(_cache_stats(layout, dataset, fold, labels),
+                        "cached on", _confidence_figure(_cache_stats(params, layout, dataset, fold, labels),
                                                         pictures / f"{dataset}-teacher-cache.png")))
         examples = _load(layout.attention_examples(dataset, fold))["examples"]
         if examples:
@@ -285,15 +284,9 @@ def write_report(params: Params, layout: Layout = Layout()) -> Path:
            "```", ""]
     pd.DataFrame(curves_rows).to_csv(out / "training_curves.csv", index=False)
     text = "\n".join(md)
-    _write(out / "report.md", text)
-    _write(out / "report.html", _html(text, out))
+    write_text(out / "report.md", text)
+    write_text(out / "report.html", _html(text, out))
     return out / "report.md"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _html(markdown: str, folder: Path) -> str:

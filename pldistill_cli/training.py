@@ -5,7 +5,9 @@ the processes that torchrun or `accelerate launch` started (accelerate's DDP).""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import shutil
 from contextlib import nullcontext
@@ -18,6 +20,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from .errors import PldistillError
+from .files import atomic_path, write_json
 from .ui import progress
 
 
@@ -132,15 +135,16 @@ def train_with_validation(
     updates = max(1, settings.epochs * steps_per_epoch // settings.grad_accum)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, updates)
     result, start, best_state = LoopResult(float("-inf"), -1), 0, None
-    state_file = work_dir / "state.pt"
-    if state_file.exists():
-        state = torch.load(state_file, weights_only=False)
-        if state["fingerprint"] == fingerprint:
-            model.load_state_dict(state["model"], strict=False)
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            torch.set_rng_state(state["rng"])
-            result, start, best_state = state["result"], state["epoch"] + 1, state["best"]
+    state_file, progress_file = work_dir / "state.pt", work_dir / "state.json"
+    resumed = _resume(state_file, progress_file, fingerprint)
+    if resumed is not None:
+        state, done = resumed
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        best_state, start = state["best"], done["epoch"] + 1
+        result = LoopResult(done["best_score"], done["best_epoch"], done["history"])
 
     with progress(description, settings.epochs * steps_per_epoch) as bar:
         bar.update(completed=start * steps_per_epoch)
@@ -152,6 +156,7 @@ def train_with_validation(
                 update = (i + 1) % settings.grad_accum == 0 or i + 1 == steps_per_epoch
                 with nullcontext() if update else accelerator.no_sync(parallel):  # all-reduce once per update
                     terms = parallel(batch)
+                    _check_finite(terms, epoch, i)
                     accelerator.backward(terms["loss"] / settings.grad_accum)
                 if update:
                     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
@@ -172,27 +177,40 @@ def train_with_validation(
             bar.update(info=f"epoch {epoch + 1} val UA {score:.3f} (best {result.best_score:.3f})")
             if not accelerator.is_main_process:
                 continue
-            work_dir.mkdir(parents=True, exist_ok=True)
-            tmp = state_file.with_suffix(".tmp")
-            torch.save(
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "model": _trainable_state(model),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "result": result,
-                    "best": best_state,
-                },
-                tmp,
-            )
-            tmp.replace(state_file)
+            # tensors in state.pt (loaded with weights_only=True: a planted file cannot run code), the
+            # rest as JSON; state.json is written last and names the epoch state.pt holds
+            with atomic_path(state_file) as tmp:
+                torch.save({"epoch": epoch, "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "rng": torch.get_rng_state(), "best": best_state}, tmp)
+            write_json(progress_file, {"fingerprint": fingerprint, "epoch": epoch, "best_score": result.best_score,
+                                       "best_epoch": result.best_epoch, "history": result.history})
     accelerator.wait_for_everyone()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()
     return result
+
+
+def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    """A non-finite loss stops the run before anything is saved: its weights would be garbage."""
+    if not torch.isfinite(terms["loss"].detach()).all():
+        values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+        raise PldistillError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} ({values}); nothing was saved: "
+                             "lower the learning rate or a loss weight, or check the inputs")
+
+
+def _resume(state_file: Path, progress_file: Path, fingerprint: str) -> tuple[dict, dict] | None:
+    """The saved state of an interrupted run with the same fingerprint, or None to start afresh."""
+    if not (state_file.exists() and progress_file.exists()):
+        return None
+    try:
+        done = json.loads(progress_file.read_text())
+        if done.get("fingerprint") != fingerprint:
+            return None
+        state = torch.load(state_file, weights_only=True)
+    except (json.JSONDecodeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
+        return None  # unreadable or not ours: start afresh (the work folder is only a resume cache)
+    return (state, done) if state.get("epoch") == done.get("epoch") else None
 
 
 def finish_work(work_dir: Path) -> None:

@@ -27,15 +27,16 @@ import numpy as np
 import torch
 
 from pldistill_cli.data import text_batch
-from pldistill_cli.distill import METHODS, TargetCollate, distillation_terms
-from pldistill_cli.forward import (PromptLayout, audio_features, encode_audio, forward_from_encoder,
+from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
+from pldistill_cli.prompt import PromptLayout
+from pldistill_cli.forward import (audio_features, encode_audio, forward_from_encoder,
                                    forward_with_audio_attention)
 from pldistill_cli.labels import label_set
 from pldistill_cli.layout import Layout, student_name
 from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
 from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_model)
-from pldistill_cli.teacher_cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
+from pldistill_cli.cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
 from pldistill_cli.training import autocast, resolve_device
 
 TOP_K, TEMPERATURE = 16, 2.0

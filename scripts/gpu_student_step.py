@@ -22,8 +22,8 @@ from transformers.models.qwen2_audio.configuration_qwen2_audio import (
 )
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
-from pldistill_cli.distill import METHODS, TargetCollate, distillation_terms
-from pldistill_cli.forward import PromptLayout
+from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
+from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.labels import LABEL_SETS
 from pldistill_cli.models import (
     AUDIO_TOKEN,

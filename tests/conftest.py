@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pldistill_cli.config import Params, SyntheticParams, TrainTeacherParams, DistillParams, CacheParams
+from pldistill_cli.config import CacheParams, CorpusParams, DistillParams, Params, TrainTeacherParams
 from pldistill_cli.layout import Layout
 
 torch.set_num_threads(1)
@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 def small_params(**overrides) -> Params:
     """A 48-clip synthetic corpus (6 speakers, 3 folds, 1 sentence) and one-epoch training."""
     params = Params(
-        synthetic=SyntheticParams(n_speakers=6, n_sentences=1, n_folds=3),
+        corpora={"synthetic": CorpusParams(adapter="synthetic", n_speakers=6, n_sentences=1, n_folds=3)},
         train_teacher=TrainTeacherParams(epochs=1, batch_size=8),
         cache=CacheParams(batch_size=8, top_k=4),
         distill=DistillParams(epochs=1, batch_size=8),

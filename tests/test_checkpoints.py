@@ -16,11 +16,13 @@ from pldistill_cli.checkpoints import load_student_llm, resolve_checkpoint
 from pldistill_cli.config import ModelParams, TrainTeacherParams
 from pldistill_cli.distill import build_student, distill
 from pldistill_cli.errors import PldistillError
-from pldistill_cli.evaluation import evaluate_model
+from pldistill_cli.evaluate import evaluate_model
 from pldistill_cli.models import (AUDIO_TOKEN, add_lora, build_teacher, build_tokenizer,
-                                  count_parameters, get_preset, load_model, weights_fingerprint)
-from pldistill_cli.teacher import train_teacher
-from pldistill_cli.teacher_cache import TeacherCache, build_cache
+                                  count_parameters, get_preset, load_model)
+from pldistill_cli.checkpoints import weights_fingerprint
+from pldistill_cli.train_teacher import train_teacher
+from pldistill_cli.cache import TeacherCache
+from pldistill_cli.cache_teacher import build_cache
 
 TEACHER_VOCAB, STUDENT_VOCAB = 448, 416  # both beyond their tokenizers (384 and 381 tokens)
 
@@ -146,15 +148,15 @@ def test_every_output_records_the_checkpoint_revisions(hub_run, checkpoints):
 def test_the_cache_refuses_a_student_encoder_that_is_not_the_teachers_or_trains(hub_run):
     from transformers import AutoProcessor
 
-    from pldistill_cli.forward import PromptLayout
+    from pldistill_cli.prompt import PromptLayout
     from pldistill_cli.labels import label_set
-    from pldistill_cli.teacher_cache import cache_identity
+    from pldistill_cli.cache import expected_meta
 
     params, layout = hub_run
     teacher_dir = layout.teacher("synthetic", 1)
     processor = AutoProcessor.from_pretrained(teacher_dir)
     prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
-    cache = TeacherCache.open(layout.cache("synthetic", 1), cache_identity(teacher_dir, prompt, params), prompt)
+    cache = TeacherCache(layout.cache("synthetic", 1), expected_meta(teacher_dir, prompt, params), prompt)
     student, _ = build_student(params, processor, teacher_dir, seed=0)
     encoder = student.model.audio_tower
     cache.check_student_encoder(encoder)
@@ -211,7 +213,7 @@ def test_a_checkpoint_of_another_architecture_fails_the_cli_with_one_line(prepar
     params, layout = prepared
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "prepared").symlink_to(layout.data / "prepared")
-    settings = {"synthetic": {"n_speakers": 6, "n_sentences": 1, "n_folds": 3},
+    settings = {"corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
                 "model": {"preset": "hub", "teacher": str(checkpoints / "llm")}, "train_teacher": {"mode": "zero-shot"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     result = subprocess.run([sys.executable, "-m", "pldistill_cli", "train-teacher"], cwd=tmp_path, text=True,

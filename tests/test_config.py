@@ -19,8 +19,8 @@ def test_project_params_load_with_their_sections():
     [
         ("seed: [1, 2\n", "malformed YAML"),
         ("distill:\n  lamda_p: 1\n", "unknown setting `distill.lamda_p`"),
-        ("distill:\n  epochs: many\n", "`distill.epochs` must be int"),
-        ("distill:\n  device: tpu\n", "`distill.device` must be one of"),
+        ("distill:\n  epochs: many\n", "`distill.epochs` = 'many': input should be a valid integer"),
+        ("distill:\n  device: tpu\n", "`distill.device` = 'tpu': input should be 'auto', 'cpu' or 'cuda'"),
         ("- a list\n", "expected a mapping"),
     ],
 )

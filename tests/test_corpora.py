@@ -32,9 +32,11 @@ SAVEE_LABEL = {"a": "Angry", "d": "Disgust", "f": "Fear", "h": "Happy", "n": "Ne
 
 
 def tone(path: Path, rate: int, seconds: float = 0.3) -> Path:
+    """A short tone whose pitch depends on the file name: every file's content differs, as in a corpus."""
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(seconds * rate)) / rate
-    sf.write(path, 0.3 * np.sin(2 * np.pi * 220 * t), rate)
+    pitch = 200 + int.from_bytes(path.name.encode()[-12:], "little") % 997 / 3
+    sf.write(path, 0.3 * np.sin(2 * np.pi * pitch * t), rate)
     return path
 
 
@@ -96,7 +98,7 @@ def ravdess_tree(root: Path, layout: str) -> dict[str, tuple[str, str, int]]:
         for i in range(2):
             emotion = (actor + i) % 8 + 1
             name = f"03-01-{emotion:02d}-01-0{i + 1}-01-{actor:02d}"
-            tone(folder(actor) / f"{name}.wav", 48000, 0.1)
+            tone(folder(actor) / f"{name}.wav", 48000, 0.3)
             expected[f"ravdess-{name}"] = (f"Actor_{actor:02d}", RAVDESS_EMOTIONS[emotion - 1],
                                           next(f for f, group in RAVDESS_GROUPS.items() if actor in group))
     for actor in (1, 2, 3):
@@ -309,7 +311,8 @@ def test_emobox_missing_audio_is_counted_or_an_error(tmp_path):
     meta = emobox_tree(tmp_path)
     (tmp_path / "dl" / "downloads" / "mycorp" / "audio" / "spk2" / "2001.wav").unlink()
     collected, _ = collect(EmoboxAdapter, tmp_path / "dl", dataset="mycorp", metadata=str(meta))
-    assert len(collected.items) == 23 and collected.excluded == {"audio not found": 1}
+    assert len(collected.items) == 23 and collected.excluded == {}
+    assert collected.missing == [str(tmp_path / "dl" / "downloads" / "mycorp" / "audio" / "spk2" / "2001.wav")]
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(PldistillError, match=r"downloads/mycorp/audio/spk1/1000.wav.*downloads/<dataset>/"):
         collect(EmoboxAdapter, tmp_path / "elsewhere", dataset="mycorp", metadata=str(meta))
@@ -383,7 +386,7 @@ def test_folder_csv_with_speaker_and_fold_columns(tmp_path):
     (tmp_path / "lists" / "data.csv").write_text("\n".join(rows) + "\n")
     collected, advanced = collect(FolderAdapter, tmp_path / "audio", dataset="mine", csv=str(tmp_path / "lists" / "data.csv"))
     assert collected.labels == ("happy", "neutral", "sad") and advanced == 37
-    assert collected.excluded == {"audio not found": 1}
+    assert collected.excluded == {} and collected.missing == [str(tmp_path / "lists" / "missing/file.wav")]
     items = collected.items
     assert len(items) == 36 and all(i.fold == int(i.speaker[-1]) % 3 + 1 for i in items)
     assert all(i.validation_fold == previous(i.fold, 3) for i in items)

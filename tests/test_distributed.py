@@ -18,7 +18,7 @@ from pldistill_cli.cli import app
 
 PARAMS = {
     "seed": 5,
-    "synthetic": {"n_speakers": 6, "n_sentences": 1, "n_folds": 3},
+    "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
     "train_teacher": {"epochs": 1, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 4},
     "distill": {"epochs": 2, "batch_size": 4},

@@ -400,7 +400,7 @@ def test_bf16_student_under_autocast() -> None:
 
 
 def test_top_k_from_hidden_states_in_chunks_equals_the_top_k_of_dense_logits():
-    from pldistill_cli.teacher_cache import topk_from_hidden
+    from pldistill_cli.forward import topk_from_hidden
 
     torch.manual_seed(0)
     head, hidden = torch.nn.Linear(8, 50, bias=False), torch.randn(2, 7, 8)

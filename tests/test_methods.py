@@ -4,8 +4,8 @@ checked by which cached targets move the student's gradients, and which cache co
 import pytest
 import torch
 
-from pldistill_cli.distill import METHODS, TargetCollate, distillation_terms
-from pldistill_cli.forward import PromptLayout
+from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
+from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.labels import label_set
 from pldistill_cli.losses import topk_logprobs
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset

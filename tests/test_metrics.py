@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import classification_report
 
-from pldistill_cli.evaluation import classification_metrics, confusion
+from pldistill_cli.metrics import classification_metrics, confusion
 
 LABELS = ("Happy", "Sad", "Angry", "Neutral")
 
@@ -33,7 +33,7 @@ def test_ua_ignores_classes_absent_from_the_test_split():
 
 
 def test_generated_answers_map_to_one_label_or_count_as_unmatched():
-    from pldistill_cli.evaluation import UNMATCHED, parse_answer
+    from pldistill_cli.metrics import UNMATCHED, parse_answer
 
     assert parse_answer("Happy", LABELS) == "Happy"
     assert parse_answer(" the speaker sounds sad.", LABELS) == "Sad"

@@ -6,10 +6,11 @@ import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from pldistill_cli.errors import PldistillError
-from pldistill_cli.forward import (PromptLayout, audio_features, capture_audio_attention, encode_audio,
+from pldistill_cli.prompt import PromptLayout
+from pldistill_cli.forward import (audio_features, capture_audio_attention, encode_audio,
                                    forward_from_encoder, score_labels, step_mask)
 from pldistill_cli.labels import label_set
-from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
+from pldistill_cli.models import (ModelMeta, assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_encoder, load_model, save_model)
 
 LABELS = label_set("synthetic")
@@ -90,9 +91,12 @@ def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher):
         assert torch.isclose(weights[i][audio[i]].sum(), torch.tensor(1.0))
 
 
+META = ModelMeta("train-teacher", "synthetic", 1, LABELS, "prompt", "tiny", 0, {}, {})
+
+
 def test_student_assembly_from_a_saved_teacher(tiny_teacher, tmp_path):
     teacher, processor = tiny_teacher
-    save_model(teacher, processor, tmp_path / "teacher", {"stage": "test"})
+    save_model(teacher, processor, tmp_path / "teacher", META)
     config, weights, audio_token = load_encoder(tmp_path / "teacher")
     preset = get_preset("tiny")
     student = assemble_student(config, weights, audio_token, build_student_llm(preset, len(processor.tokenizer), 1), 1)
@@ -104,7 +108,7 @@ def test_student_assembly_from_a_saved_teacher(tiny_teacher, tmp_path):
     assert student.model.multi_modal_projector.linear.out_features == preset.student_llm["hidden_size"]
     assert count_parameters(student) < count_parameters(teacher)
 
-    save_model(student, processor, tmp_path / "student", {"stage": "test"})
+    save_model(student, processor, tmp_path / "student", META)
     reloaded, reloaded_processor = load_model(tmp_path / "student")
     assert isinstance(reloaded, Qwen2AudioForConditionalGeneration)
     assert reloaded_processor.chat_template == processor.chat_template

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from pldistill_cli.cli import app
 from pldistill_cli.errors import PldistillError
-from pldistill_cli.teacher_cache import CACHE_SCHEMA
+from pldistill_cli.cache import CACHE_SCHEMA
 
 SMALL = {
     "seed": 7,
     "seeds": [7],
     "methods": ["ce", "pl-distill"],
-    "synthetic": {"n_speakers": 6, "n_sentences": 1, "n_folds": 3},
+    "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
     "train_teacher": {"epochs": 2, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
     "distill": {"epochs": 2, "batch_size": 8},
@@ -52,9 +52,9 @@ AUDIO_READS: dict[str, set[str]] = {}
 def run_dir(tmp_path_factory):
     """Runs every stage through the CLI, recording which audio files each stage reads."""
     import pldistill_cli.data as data
-    import pldistill_cli.teacher_cache as teacher_cache
+    import pldistill_cli.cache_teacher as cache_teacher
 
-    readers = (data, teacher_cache)  # the modules that open audio files
+    readers = (data, cache_teacher)  # the modules that open audio files
     root = tmp_path_factory.mktemp("e2e")
     (root / "params.yaml").write_text(yaml.safe_dump(SMALL))
     cwd, read_audio = os.getcwd(), data.read_audio
@@ -84,18 +84,23 @@ def test_only_evaluate_reads_the_test_split(run_dir):
 
 
 def test_metrics_files_have_the_expected_keys_and_ranges(run_dir):
+    folder = run_dir / "metrics/synthetic/fold1"
     for model in ("teacher", "student-ce-s7", "student-pl-distill-s7"):
-        m = json.loads((run_dir / "metrics/synthetic/fold1" / f"{model}.json").read_text())
-        assert {"wa", "ua", "macro_f1", "n", "parameters", "model_weights", "params", "recall", "confusion",
-                "latency_ms", "ua_ci95"} <= set(m)
-        assert m["n"] == 16  # two test speakers x 8 emotions x 1 sentence
+        metrics = json.loads((folder / f"{model}.json").read_text())  # DVC metrics: only what people compare
+        assert set(metrics) == {"test"} and set(metrics["test"]) == {"wa", "ua", "macro_f1"}
+        m = json.loads((folder / f"{model}-details.json").read_text())
+        assert {"n", "parameters", "model_weights", "params", "recall", "confusion", "ua_ci95", "speakers",
+                "versions", "trained_with"} <= set(m)
+        assert {k: m[k] for k in ("wa", "ua", "macro_f1")} == pytest.approx(metrics["test"], abs=1e-6)
+        assert m["n"] == 16 and m["speakers"] == 2  # two test speakers x 8 emotions x 1 sentence
         for key in ("wa", "ua", "macro_f1"):
             assert 0.0 <= m[key] <= 1.0
         assert m["ua_ci95"][0] <= m["ua"] <= m["ua_ci95"][1]
         assert sum(map(sum, m["confusion"])) == 16 and m["unmatched"] == 0
-        assert m["latency_ms"]["encoder"] > 0 and m["latency_ms"]["llm"] > 0
-    refs = json.loads((run_dir / "metrics/synthetic/fold1/references.json").read_text())
-    assert 0.0 <= refs["duration"]["ua"] <= 1.0 and 0.0 <= refs["prosody"]["ua"] <= 1.0
+        latency = json.loads((folder / f"{model}-latency.json").read_text())
+        assert latency["encoder_ms"] > 0 and latency["llm_ms"] > 0
+    for ref in ("duration", "prosody"):
+        assert 0.0 <= json.loads((run_dir / f"metrics/synthetic/fold1/{ref}.json").read_text())["test"]["ua"] <= 1.0
     report = (run_dir / "report/report.md").read_text()
     assert "| teacher |" in report and "| student: pl-distill |" in report and "| student: ce |" in report
     assert "reference:" in report
@@ -144,7 +149,7 @@ def _run(args, cwd):
         (["preprocess", "--dataset", "nope"], None, "unknown dataset `nope`"),
         (["preprocess", "--dataset", "synthetic", "--root", "/no/such/folder"], None, "dataset root not found"),
         (["distill"], "distill:\n  epochs: [\n", "malformed YAML"),
-        (["train-teacher", "--fold", "1"], None, "manifest not found"),
+        (["train-teacher", "--fold", "1"], None, "data/prepared/synthetic: not found; run `pldistill preprocess --dataset synthetic`"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, params_text, message):
@@ -177,7 +182,8 @@ def test_a_cache_from_another_teacher_or_prompt_is_refused(run_dir, monkeypatch)
 
 def test_generation_scoring_counts_unmatched_answers(run_dir, monkeypatch):
     from pldistill_cli.config import load_params
-    from pldistill_cli.evaluation import UNMATCHED, evaluate_model
+    from pldistill_cli.evaluate import evaluate_model
+    from pldistill_cli.metrics import UNMATCHED
 
     monkeypatch.chdir(run_dir)
     params = load_params(Path("params.yaml"))
@@ -212,43 +218,41 @@ def test_predict_answers_good_files_and_names_bad_ones(run_dir):
         "file not found", answers["corrupt.wav"]["error"], "empty"}
 
 
-def test_export_reloads_with_plain_transformers_and_predicts_the_same(run_dir):
-    import torch
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+def test_export_is_a_hub_model_whose_card_snippet_scores_like_predict(run_dir, capsys):
+    from pldistill_cli.predict import Predictor
 
-    from pldistill_cli.inference import Predictor
-    from pldistill_cli.audio import read_audio
-
-    cli_result = CliRunner().invoke(app, ["export", "--out", str(run_dir / "exported")], catch_exceptions=False)
-    assert cli_result.exit_code == 0, cli_result.output
     out = run_dir / "exported"
+    for _ in range(2):  # the second export replaces the first (an earlier export)
+        cli_result = CliRunner().invoke(app, ["export", "--out", str(out)], catch_exceptions=False)
+        assert cli_result.exit_code == 0, cli_result.output
     card = (out / "README.md").read_text()
-    assert "pl-distill" in card and "synthetic" in card and "UA" in card
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(out).eval()
-    processor = AutoProcessor.from_pretrained(out)
-    meta = json.loads((out / "pldistill.json").read_text())
+    front = yaml.safe_load(card.split("---")[1])
+    metrics = json.loads((run_dir / "metrics/synthetic/fold1/student-pl-distill-s7.json").read_text())["test"]
+    assert {"license", "datasets", "metrics", "pipeline_tag", "tags", "model-index"} <= set(front)
+    scores = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert scores == pytest.approx({"accuracy": metrics["wa"], "recall": metrics["ua"], "f1": metrics["macro_f1"]},
+                                   abs=1e-4)
+    labels = json.loads((out / "pldistill.json").read_text())["labels"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {str(i): label for i, label in enumerate(labels)}
+    assert config["label2id"] == {label: i for i, label in enumerate(labels)}
+
     clip = next((run_dir / "data/prepared/synthetic/audio").glob("*spk02*.wav"))
-    wave = read_audio(clip)
-    scores = []
-    with torch.no_grad():  # plain transformers: the processor's prompt + each answer, full forward
-        for label in meta["labels"]:
-            answer = label + "<|im_end|>"
-            inputs = processor(text=meta["prompt"] + answer, audio=[wave], sampling_rate=16000, return_tensors="pt")
-            logp = model(**inputs).logits[0].log_softmax(-1)
-            n = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
-            ids = inputs["input_ids"][0]
-            scores.append(sum(float(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]]) for i in range(n)))
+    snippet = card.split("```python\n")[1].split("```")[0]  # exactly the card's lines, run as a user would
+    namespace: dict = {}
+    exec(snippet.replace("THIS_FOLDER", str(out)).replace('"clip.wav"', repr(str(clip))), namespace)
     exported = Predictor(out, "cpu").predict(clip)
     original = Predictor(run_dir / "data/runs/synthetic/fold1/student-pl-distill-s7", "cpu").predict(clip)
-    assert exported.label == original.label == meta["labels"][int(np.argmax(scores))]
-    probs = torch.tensor(scores).softmax(-1)
-    assert torch.allclose(probs, torch.tensor([exported.probabilities[l] for l in meta["labels"]]), atol=1e-4)
+    assert namespace["probabilities"] == pytest.approx(exported.probabilities, abs=1e-4)
+    assert exported.probabilities == pytest.approx(original.probabilities, abs=1e-5)
+    assert capsys.readouterr().out.startswith(exported.label)
 
 
 def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
     import shutil
 
-    import pldistill_cli.teacher_cache as teacher_cache
+    import pldistill_cli.cache as cache
+    import pldistill_cli.cache_teacher as cache_teacher
     from pldistill_cli.config import load_params
 
     monkeypatch.chdir(run_dir)
@@ -258,24 +262,30 @@ def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
     shutil.rmtree(final)
     store = next((run_dir / "data/encoded/synthetic").iterdir())
     shutil.rmtree(store)
-    write_part, written = teacher_cache._write_part, []
+    write_part, written = cache.write_part, []
 
     def dies_after_two(folder, rank, rows, schema):
-        if schema is teacher_cache.CACHE_SCHEMA and len(written) == 2:
+        if schema is cache.CACHE_SCHEMA and len(written) == 2:
             raise KeyboardInterrupt
-        written.append(folder) if schema is teacher_cache.CACHE_SCHEMA else None
-        write_part(folder, rank, rows, schema)
+        written.append(folder) if schema is cache.CACHE_SCHEMA else None
+        return write_part(folder, rank, rows, schema)
 
-    monkeypatch.setattr(teacher_cache, "_write_part", dies_after_two)
+    for module in (cache, cache_teacher):
+        monkeypatch.setattr(module, "write_part", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
-        teacher_cache.build_cache("synthetic", 1, params)
+        cache_teacher.build_cache("synthetic", 1, params)
     assert not final.exists() and len(list((run_dir / "data/work/synthetic/fold1/cache-teacher").glob("part-*"))) == 2
-    encoded_before = len(teacher_cache._ids_in(store))  # the batch that died had already been encoded
+    encoded_before = len(cache.ids_in(store))  # the batch that died had already been encoded
     assert encoded_before == 3 * params.cache.batch_size
     resumed, encoded = [], []
-    monkeypatch.setattr(teacher_cache, "_write_part", lambda f, k, r, schema: (
-        (resumed if schema is teacher_cache.CACHE_SCHEMA else encoded).append(len(r)), write_part(f, k, r, schema)))
-    teacher_cache.build_cache("synthetic", 1, params)
+
+    def counted(f, k, r, schema):
+        (resumed if schema is cache.CACHE_SCHEMA else encoded).append(len(r))
+        return write_part(f, k, r, schema)
+
+    for module in (cache, cache_teacher):
+        monkeypatch.setattr(module, "write_part", counted)
+    cache_teacher.build_cache("synthetic", 1, params)
     rebuilt = pq.ParquetDataset(sorted(final.glob("part-*.parquet"))).read().to_pandas().set_index("id").sort_index()
     assert len(resumed) == len(list(final.glob("part-*.parquet"))) - 2  # finished parts were kept
     assert sum(encoded) == len(reference) - encoded_before  # each clip goes through the encoder once
@@ -312,10 +322,12 @@ def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, t
     import torch
 
     from pldistill_cli.config import load_params
-    from pldistill_cli.distill import METHODS, TargetCollate, build_student, distillation_terms
-    from pldistill_cli.forward import PromptLayout
+    from pldistill_cli.cache import TeacherCache, expected_meta
+    from pldistill_cli.cache_teacher import build_cache
+    from pldistill_cli.distill import build_student
     from pldistill_cli.layout import Layout
-    from pldistill_cli.teacher_cache import TeacherCache, build_cache, cache_identity
+    from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
+    from pldistill_cli.prompt import PromptLayout
     from transformers import AutoProcessor
 
     monkeypatch.chdir(run_dir)
@@ -334,8 +346,8 @@ def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, t
     for method in ("pl-distill", "cka"):
         terms = {}
         for name, layout, settings in (("linear", Layout(), params), ("gram", gram_layout, gram_params)):
-            identity = cache_identity(layout.teacher("synthetic", 1), prompt, settings)
-            cache = TeacherCache.open(layout.cache("synthetic", 1), identity, prompt)
+            identity = expected_meta(layout.teacher("synthetic", 1), prompt, settings)
+            cache = TeacherCache(layout.cache("synthetic", 1), identity, prompt)
             columns = METHODS[method].columns + (("gram",) if name == "gram" else ())
             rows = cache.split("train", columns)
             batch = TargetCollate(prompt)([rows[i] for i in range(4)])

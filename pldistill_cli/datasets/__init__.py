@@ -32,6 +32,7 @@ class Collected:
     items: list[SourceItem]
     labels: tuple[str, ...]  # label words, in the order the prompt lists them
     excluded: dict[str, int] = field(default_factory=dict)  # files left out by design: reason -> count
+    missing: list[str] = field(default_factory=list)  # files the corpus lists that do not exist
 
 
 class Adapter(Protocol):
@@ -78,4 +79,7 @@ def resolve(dataset: str, params: Params, root: Path | None = None, **overrides:
         corpus = dataclasses.replace(corpus, root=str(root))
     if corpus.root is not None and not Path(corpus.root).exists():
         raise PldistillError(f"{corpus.root}: dataset root not found; pass the folder that holds the corpus")
+    if corpus.root is not None and Path(corpus.root).exists() and not Path(corpus.root).is_dir():
+        raise PldistillError(f"{corpus.root}: is a file, not a folder; pass the folder that holds the corpus"
+                             + (" (where the synthetic clips are rendered)" if name == "synthetic" else ""))
     return known[name], corpus

@@ -27,7 +27,7 @@ EmoBox re-rooting rule for a line's `wav` (e.g. `downloads/ravdess/audio/Actor_0
 existing file of (1) root / the path with `downloads/<dataset>/` stripped (<dataset> = the line's
 `dataset` field) -> root/audio/Actor_01/x.wav, (2) root / the path with only `downloads/` stripped,
 (3) root / the path as given; an absolute path is used as is. If no line's audio is found the root
-is wrong (error); otherwise the missing ones are counted as "audio not found".
+is wrong (error); otherwise the missing ones are listed (Collected.missing).
 """
 
 from __future__ import annotations
@@ -395,8 +395,7 @@ class EmoboxAdapter:
         rng = np.random.default_rng(params.seed)
         rest = _with_validation([i for k, i in found.items() if k not in official], n_folds, rng)
         items = [dataclasses.replace(i, validation_fold=official[k]) for k, i in found.items() if k in official] + rest
-        excluded = {"audio not found": len(missing)} if missing else {}
-        return Collected(items, tuple(dict.fromkeys(label_map.values())), excluded)
+        return Collected(items, tuple(dict.fromkeys(label_map.values())), {}, [str(root / m) for m in missing])
 
     @staticmethod
     def _label_map(path: Path) -> dict[str, str]:
@@ -425,7 +424,8 @@ class FolderAdapter:
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Advance) -> Collected:
         excluded: Counter = Counter()
-        rows = self._csv(dataset, corpus, advance, excluded) if corpus.csv else \
+        missing: list[str] = []
+        rows = self._csv(dataset, corpus, advance, missing) if corpus.csv else \
             self._label_folders(dataset, corpus, advance, excluded)
         pattern = _compile(corpus.speaker_pattern, dataset)
         ids = _unique_ids([(f"{dataset}-{rel}", str(path)) for rel, path, *_ in rows])
@@ -453,7 +453,7 @@ class FolderAdapter:
                 items = [dataclasses.replace(i, fold=fold_of[i.utt_id]) for i in items]
             _check_folds((i.fold for i in items), f"{where} ({len(items)} files)")
         items = _with_validation(items, n_folds, rng)
-        return Collected(items, tuple(sorted({i.label for i in items})), dict(excluded))
+        return Collected(items, tuple(sorted({i.label for i in items})), dict(excluded), missing)
 
     @staticmethod
     def _label_folders(dataset: str, corpus: CorpusParams, advance: Advance, excluded: Counter) -> list[tuple]:
@@ -477,7 +477,8 @@ class FolderAdapter:
         return rows
 
     @staticmethod
-    def _csv(dataset: str, corpus: CorpusParams, advance: Advance, excluded: Counter) -> list[tuple]:
+    def _csv(dataset: str, corpus: CorpusParams, advance: Advance, missing: list[str]) -> list[tuple]:
+        """Rows of the CSV; listed files that do not exist go to `missing` (as looked up next to the CSV)."""
         import pandas as pd
 
         root = Path(corpus.root) if corpus.root else None
@@ -488,12 +489,14 @@ class FolderAdapter:
             raise PldistillError(f"{corpus.csv}: CSV not found; set corpora.{dataset}.csv to a file with columns path,label")
         try:
             table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+        except pd.errors.EmptyDataError:
+            raise PldistillError(f"{csv}: empty CSV; list the audio files with columns path,label") from None
         except (pd.errors.ParserError, UnicodeDecodeError) as exc:
             raise PldistillError(f"{csv}: unreadable CSV ({str(exc).splitlines()[0]})") from None
         table.columns = [str(c).strip().lower() for c in table.columns]
         if not {"path", "label"} <= set(table.columns):
             raise PldistillError(f"{csv}: needs the columns path and label (optional speaker, fold); found {list(table.columns)}")
-        rows, missing, seen = [], [], set()
+        rows, seen = [], set()
         for n, row in enumerate(table.to_dict("records"), start=2):
             advance()
             where = f"{csv}:{n}"
@@ -504,7 +507,7 @@ class FolderAdapter:
             candidates = [Path(rel)] if Path(rel).is_absolute() else [csv.parent / rel] + ([root / rel] if root else [])
             path = next((c for c in candidates if c.is_file()), None)
             if path is None:
-                missing.append(rel)
+                missing.append(str(candidates[0]))
                 continue
             speaker = row.get("speaker", "").strip() if "speaker" in table.columns else None
             if speaker == "":
@@ -520,8 +523,6 @@ class FolderAdapter:
                 raise _missing_audio(csv, missing[0], f"paths are looked up relative to {csv.parent}, then to the "
                                      "root; pass the audio folder as --root")
             raise PldistillError(f"{csv}: no rows; list the audio files with columns path,label")
-        if missing:
-            excluded["audio not found"] += len(missing)
         return rows
 
 

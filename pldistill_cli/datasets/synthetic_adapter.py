@@ -18,12 +18,10 @@ class SyntheticAdapter:
 
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Callable[[], None]) -> Collected:
-        p = params.synthetic
-        if p.n_folds < 3 or p.n_speakers % p.n_folds:
-            raise PldistillError(
-                f"params.yaml: synthetic.n_folds ({p.n_folds}) must be at least 3 (test, validation and train "
-                f"speakers) and divide n_speakers ({p.n_speakers})"
-            )
+        p = corpus
+        if p.n_speakers % p.n_folds:
+            raise PldistillError(f"params.yaml: corpora.{dataset}.n_folds ({p.n_folds}) must divide n_speakers "
+                                 f"({p.n_speakers}): every fold has the same number of speakers")
         out_dir = Path(corpus.root) if corpus.root else layout.raw(dataset)
         settings = SyntheticSettings(seed=params.seed, n_speakers=p.n_speakers, n_sentences=p.n_sentences)
         plan = generate_corpus(out_dir, settings, on_progress=advance)

@@ -7,26 +7,31 @@ Training keeps the epoch that scores best on the validation split."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from .checkpoints import checked_config, resolve_checkpoint
-from .config import Params, fingerprint
+from .config import Params, fingerprint, preprocessing
 from .data import AudioClips, AudioCollate, text_batch
 from .errors import PldistillError
-from .evaluation import classification_metrics, predict_audio
-from .forward import PromptLayout, encode_audio, forward_from_encoder
+from .forward import encode_audio, forward_from_encoder
 from .layout import Layout
 from .losses import answer_cross_entropy
 from .manifest import manifest_labels, read_manifest, select_split
-from .models import add_lora, build_teacher, count_parameters, get_preset, save_model, save_reference, weights_dtype
+from .metrics import classification_metrics
+from .models import (ModelMeta, add_lora, build_teacher, check_sample_rate, count_parameters, environment, get_preset,
+                     save_model, save_reference, weights_dtype)
+from .prompt import PromptLayout
+from .scoring import predict_audio
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
                        shuffled_batches, start_processes, train_with_validation)
 from .ui import console
 
 
-def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
+def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> ModelMeta:
     labels = manifest_labels(layout.manifest(dataset))
     manifest = read_manifest(layout.manifest(dataset))
     train = select_split(manifest, fold, "train")
@@ -35,9 +40,8 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     device = resolve_device(p.device)
     processes = start_processes(device, params.world_size)
     seed_everything(params.seed)
-    made_by = {"stage": "train-teacher", "mode": p.mode, "dataset": dataset, "fold": fold, "labels": list(labels),
-               "preset": params.model.preset, "seed": params.seed,
-               "params": {"train_teacher": params.section("train_teacher"), "model": params.section("model")}}
+    sections = {"train_teacher": params.section("train_teacher"), "model": params.section("model"),
+                "preprocess": preprocessing(params)}
     folder = layout.teacher(dataset, fold)
     base = None
     if params.model.preset == "hub":
@@ -46,15 +50,17 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
                                  "model.preset hub use lora or zero-shot")
         base = resolve_checkpoint(params.model.teacher, params.model.teacher_revision, "model.teacher")
         checked_config(base, "qwen2_audio", "model.teacher")
-        made_by["checkpoint"] = {"source": base.source, "revision": base.revision}
         processor = AutoProcessor.from_pretrained(base.path)
     elif p.mode == "full":
         model, processor = build_teacher(get_preset(params.model.preset), params.seed)
     else:
         raise PldistillError(f"params.yaml: train_teacher.mode {p.mode} needs a real checkpoint (model.preset hub); "
                              f"the {params.model.preset} preset's teacher is random, use full")
+    check_sample_rate(processor, params.preprocess.sample_rate)
     prompt = PromptLayout.from_processor(processor, labels)
-    made_by["prompt"] = prompt.text
+    made_by = ModelMeta(
+        "train-teacher", dataset, fold, labels, prompt.text, params.model.preset, params.seed, sections,
+        environment(device), mode=p.mode, checkpoint={"source": base.source, "revision": base.revision} if base else None)
     if p.mode == "zero-shot":
         if processes.is_main_process:
             save_reference(folder, processor, base, made_by)
@@ -71,7 +77,7 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     console.print(f"teacher ({params.model.preset}, {p.mode}): {count_parameters(model):,} parameters, "
                   f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation clips")
 
-    clips = AudioClips(train)
+    clips = AudioClips(train, params.preprocess.sample_rate)
     collate = AudioCollate(processor)
 
     def batches(epoch: int):
@@ -92,10 +98,10 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     work = layout.work(dataset, fold, "train-teacher")
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
     result = train_with_validation(TrainingStep({"teacher": model}, terms), batches, validate, settings,
-                                   len(batches(0)), work, fingerprint(made_by),
+                                   len(batches(0)), work, fingerprint(dataclasses.asdict(made_by)),
                                    f"train teacher {dataset} fold {fold}")
-    summary = {**made_by, "best_epoch": result.best_epoch, "validation_ua": result.best_score,
-               "history": result.history}
+    summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
+                                  history=tuple(result.history))
     if processes.is_main_process:
         if lora is not None:
             save_reference(folder, processor, base, summary, adapter=lora)

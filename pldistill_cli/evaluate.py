@@ -1,0 +1,130 @@
+"""evaluate: score the teacher, a student run or the shortcut references on the fold's test split
+(the only stage that reads it).
+
+Per model `name` (teacher, student-<method>-s<seed>, duration, prosody) it writes, under
+metrics/<dataset>/fold<k>/: `<name>.json` (the numbers people compare: DVC metrics), `<name>-details.json`
+(per-class recall, confusion, interval, what made it), `<name>-predictions.csv` and, for models,
+`<name>-latency.json` (a timing: the one output that is a measurement, not a function of its inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from .config import Params
+from .data import AudioClips, AudioCollate, text_batch
+from .errors import PldistillError
+from .files import atomic_path, write_json
+from .forward import encode_audio, forward_with_audio_attention
+from .layout import Layout, student_name
+from .manifest import manifest_labels, read_manifest, select_split
+from .metrics import UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline
+from .models import ModelMeta, count_parameters, environment, load_model, weights_dtype
+from .prompt import PromptLayout
+from .scoring import Scored, predict_audio
+from .training import resolve_device
+
+SCORING = {
+    "rank": "label ranking: summed log-prob of label tokens + end of turn after one shared prompt pass, "
+            "no length normalisation",
+    "generate": f"greedy generation parsed to the one label word it names; other answers count as {UNMATCHED}",
+}
+
+
+def _write_predictions(path, rows: pd.DataFrame, y_pred: Sequence[str], labels: Sequence[str],
+                       scored: Scored | None = None) -> None:
+    out = pd.DataFrame({"id": rows["id"], "speaker": rows["speaker"], "label": rows["label"],
+                        "prediction": list(y_pred)})
+    if scored is not None and scored.scores is not None:
+        for j, label in enumerate(labels):
+            out[f"logp_{label}"] = scored.scores[:, j]
+    if scored is not None and scored.answers is not None:
+        out["answer"] = scored.answers
+    with atomic_path(path) as tmp:
+        out.to_csv(tmp, index=False, float_format="%.6g")
+
+
+@torch.no_grad()
+def attention_examples(model, processor, prompt: PromptLayout, rows: pd.DataFrame, layer: int, device) -> list[dict]:
+    """The teacher's attention weights over the audio steps of a few clips (for the report)."""
+    if rows.empty:
+        return []
+    rate = processor.feature_extractor.sampling_rate
+    batch = AudioCollate(processor)([AudioClips(rows, rate)[i] for i in range(len(rows))])
+    text = text_batch(prompt, batch.n_audio.tolist(), None).to(device)
+    encoded, lengths = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
+    _, weights = forward_with_audio_attention(model, prompt, encoded, lengths, text.input_ids, text.attention_mask,
+                                              layer)
+    return [{"id": r.id, "label": r.label, "audio_path": r.audio_path, "weights": [round(float(x), 6) for x in w]}
+            for r, w in zip(rows.itertuples(), weights)]
+
+
+def _outputs(layout: Layout, dataset: str, fold: int, name: str, test: pd.DataFrame, predictions: list[str],
+             labels: tuple[str, ...], seed: int, details: dict, scored: Scored | None = None) -> dict:
+    """Write a model's metrics (headline numbers), details and predictions; returns the details."""
+    truth = test["label"].tolist()
+    metrics = classification_metrics(truth, predictions, labels)
+    details = {**metrics, "ua_ci95": cluster_bootstrap_ua(truth, predictions, test["speaker"].tolist(), seed=seed),
+               "speakers": int(test["speaker"].nunique()), "model": name, "dataset": dataset, "fold": fold,
+               "labels": list(labels), **details}
+    write_json(layout.metrics(dataset, fold, name), {"test": headline(metrics)})
+    write_json(layout.details(dataset, fold, name), details)
+    _write_predictions(layout.predictions(dataset, fold, name), test, predictions, labels, scored)
+    return details
+
+
+def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: Layout = Layout(),
+                   method: str | None = None, seed: int | None = None) -> dict:
+    """Score the teacher or a student run (method, seed) on the fold's test split; writes its outputs
+    under the name `teacher` or `student-<method>-s<seed>`."""
+    p = params.evaluate
+    if which == "teacher":
+        name, folder = "teacher", layout.teacher(dataset, fold)
+    else:
+        name = student_name(method or params.distill.method, params.seed if seed is None else seed)
+        folder = layout.student(dataset, fold, name)
+    labels = manifest_labels(layout.manifest(dataset))
+    test = select_split(read_manifest(layout.manifest(dataset)), fold, "test")
+    device = resolve_device(p.device)
+    model, processor = load_model(folder, device, dtype=weights_dtype(params.model.dtype, device, frozen=True))
+    prompt = PromptLayout.from_processor(processor, labels)
+    scored = predict_audio(model, processor, prompt, test, p.batch_size, device, f"evaluate {name}", p.scoring,
+                           p.max_new_tokens)
+    made_by = ModelMeta.read(folder)
+    details = _outputs(layout, dataset, fold, name, test, scored.predictions, labels, params.seed, {
+        "method": made_by.method, "seed": made_by.seed, "parameters": count_parameters(model),
+        "scoring": SCORING[p.scoring], "model_weights": made_by.weights,
+        # real checkpoints behind the model: the teacher's, or the student's LLM and its teacher's
+        "checkpoints": {k: getattr(made_by, k) for k in ("checkpoint", "student_llm", "teacher") if getattr(made_by, k)},
+        "trained_with": made_by.versions, "versions": environment(device),
+        "params": {"evaluate": params.section("evaluate")},
+    }, scored)
+    write_json(layout.latency(dataset, fold, name), {"encoder_ms": scored.encoder_ms, "llm_ms": scored.llm_ms,
+                                                     "device": str(device), "batch_size": p.batch_size})
+    if which == "teacher":
+        examples = test.sort_values("id").groupby("label").head(1).head(p.attention_examples)
+        write_json(layout.attention_examples(dataset, fold), {"examples": attention_examples(
+            model, processor, prompt, examples, params.cache.attention_layer, device)})
+    return details
+
+
+def evaluate_references(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
+    """The shortcut references: clip duration alone, and prosody features, fitted on train, scored on test."""
+    from .references import features_for_files, fit_and_score_references
+
+    labels = manifest_labels(layout.manifest(dataset))
+    manifest = read_manifest(layout.manifest(dataset))
+    train, test = select_split(manifest, fold, "train"), select_split(manifest, fold, "test")
+    workers = params.preprocess.workers
+    train_x = features_for_files(train["audio_path"].tolist(), workers)
+    test_x = features_for_files(test["audio_path"].tolist(), workers)
+    results = {}
+    for ref in fit_and_score_references(train_x, train["label"].tolist(), test_x, test["label"].tolist(), params.seed):
+        results[ref.name] = _outputs(layout, dataset, fold, ref.name, test, list(ref.y_pred), labels, params.seed,
+                                     {"description": ref.description})
+    if not results:
+        raise PldistillError(f"{dataset} fold {fold}: no reference could be fitted")
+    return results

@@ -1,0 +1,238 @@
+"""The DVC graph, defined once: each stage's command, the matrix it runs over, the params it reads, the
+data it reads and the outputs it writes. dvc.yaml is generated from this table
+(`python -m pldistill_cli.graph`, which rewrites dvc.yaml; `--check` says whether it is current), and:
+
+- a stage's code dependencies are the package modules in its import closure, found by reading the
+  code (`import_closure`), so editing a module re-runs exactly the stages that import it;
+- the CLI hands each stage a view of params.yaml holding only the keys the stage declares here
+  (config.Restricted): a stage that reads anything else fails, so no setting can change a result
+  without DVC knowing;
+- the CLI checks a stage's data dependencies exist before importing torch, and names the command
+  that makes a missing one.
+
+Paths come from layout.Layout, filled with placeholders, so the file layout is defined once too.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .config import CACHE_KEYS, PREPROCESS_KEYS
+from .layout import Layout
+
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "seeds"}  # axis -> params.yaml list
+_L = Layout()
+_RUN = "student-{method}-s{seed}"
+PREPARED = str(_L.prepared("{dataset}"))
+TEACHER = str(_L.teacher("{dataset}", "{fold}"))
+CACHE = str(_L.cache("{dataset}", "{fold}"))
+STUDENT = str(_L.student("{dataset}", "{fold}", _RUN))
+
+
+def _evaluated(name: str) -> dict:
+    """What evaluate writes for one model: its metrics (DVC metrics) and other outputs."""
+    return {"metrics": (str(_L.metrics("{dataset}", "{fold}", name)),),
+            "outs": (str(_L.details("{dataset}", "{fold}", name)), str(_L.predictions("{dataset}", "{fold}", name)))}
+
+
+@dataclass(frozen=True)
+class Stage:
+    command: str  # the pldistill subcommand (and fixed options)
+    module: str  # the package module it runs: its import closure is the stage's code dependency
+    axes: tuple[str, ...] = ()  # matrix axes (AXES); the stage runs once per combination
+    params: tuple[str, ...] = ()  # params.yaml keys it reads, e.g. `cache.top_k`, `corpora.{dataset}`
+    deps: tuple[str, ...] = ()  # data it reads
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    launcher: bool = False  # started through params.yaml's `launcher` (torchrun / accelerate launch)
+
+    def fill(self, text: str, values: dict) -> str:
+        return text.format(**values)
+
+    def param_keys(self, values: dict) -> list[str]:
+        return [self.fill(p, values) for p in self.params]
+
+
+_PRE = tuple(f"preprocess.{k}" for k in PREPROCESS_KEYS)
+_CACHE = tuple(f"cache.{k}" for k in CACHE_KEYS)
+STAGES: dict[str, Stage] = {
+    "preprocess": Stage("preprocess", "preprocess", ("dataset",), ("seed", "corpora.{dataset}", "preprocess"),
+                        outs=(PREPARED,)),
+    "train-teacher": Stage("train-teacher", "train_teacher", ("dataset", "fold"),
+                           ("seed", "cpu_threads", "world_size", "model", "train_teacher", *_PRE),
+                           deps=(PREPARED,), outs=(TEACHER,), launcher=True),
+    "cache-teacher": Stage("cache-teacher", "cache_teacher", ("dataset", "fold"),
+                           ("cpu_threads", "world_size", "model.dtype", "cache", *_PRE),
+                           deps=(PREPARED, TEACHER), outs=(CACHE,), launcher=True),
+    "distill": Stage("distill", "distill", ("dataset", "fold", "method", "seed"),
+                     ("cpu_threads", "world_size", "model", "distill", *_CACHE, *_PRE),
+                     deps=(PREPARED, TEACHER, CACHE), outs=(STUDENT,), launcher=True),
+    "evaluate-teacher": Stage("evaluate --model teacher", "evaluate", ("dataset", "fold"),
+                              ("seed", "cpu_threads", "model.dtype", "evaluate", "cache.attention_layer",
+                               "preprocess.sample_rate"),
+                              deps=(PREPARED, TEACHER),
+                              metrics=_evaluated("teacher")["metrics"],
+                              outs=(*_evaluated("teacher")["outs"], str(_L.latency("{dataset}", "{fold}", "teacher")),
+                                    str(_L.attention_examples("{dataset}", "{fold}")))),
+    "evaluate-student": Stage("evaluate --model student", "evaluate", ("dataset", "fold", "method", "seed"),
+                              ("seed", "cpu_threads", "model.dtype", "evaluate", "preprocess.sample_rate"),
+                              deps=(PREPARED, STUDENT),
+                              metrics=_evaluated(_RUN)["metrics"],
+                              outs=(*_evaluated(_RUN)["outs"], str(_L.latency("{dataset}", "{fold}", _RUN)))),
+    "evaluate-references": Stage("evaluate --model references", "evaluate", ("dataset", "fold"),
+                                 ("seed", "preprocess.workers", "preprocess.sample_rate"), deps=(PREPARED,),
+                                 metrics=_evaluated("duration")["metrics"] + _evaluated("prosody")["metrics"],
+                                 outs=_evaluated("duration")["outs"] + _evaluated("prosody")["outs"]),
+    "report": Stage("report", "report", (),
+                    ("seed", "datasets", "folds", "methods", "seeds", "model", "distill", "evaluate", "cache", *_PRE),
+                    deps=(str(_L.metrics_root), str(_L.data / "runs"), str(_L.data / "prepared")),
+                    outs=(str(_L.report_root),)),
+}
+
+
+def producer(path: str) -> tuple[str, dict] | None:
+    """The stage (and matrix values) whose output `path` is, if any."""
+    for name, stage in STAGES.items():
+        for template in stage.outs + stage.metrics:
+            m = re.fullmatch(template.replace(".", r"\.").format(**{a: f"(?P<{a}>[^/]+)" for a in AXES}), path)
+            if m:
+                return name, {k: v for k, v in m.groupdict().items() if v is not None}
+    return None
+
+
+# --------------------------------------------------------------------------------- code dependencies
+
+
+def _module_file(name: str) -> Path | None:
+    """pldistill_cli.x.y -> its file (module or package __init__), or None outside the package."""
+    if name != PACKAGE.name and not name.startswith(PACKAGE.name + "."):
+        return None
+    path = ROOT.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """Package modules a file imports anywhere (module level or inside functions)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            found.add(module)
+            found |= {f"{module}.{a.name}" for a in node.names}  # `from . import x` imports module x
+    return {m for m in found if _module_file(m) is not None and _module_file(m).exists()}
+
+
+def import_closure(*modules: str) -> list[str]:
+    """Files (relative to the repository root) of the package modules that `modules` import,
+    directly or not, including the packages' __init__ files."""
+    todo = [f"{PACKAGE.name}.{m}" for m in modules]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ too
+            parent = ".".join(parts[:i])
+            if parent not in seen:
+                seen.add(parent)
+                todo += sorted(_imports(_module_file(parent)) - seen)
+    return sorted(str(_module_file(m).relative_to(ROOT)) for m in seen)
+
+
+def _cli_imports() -> list[str]:
+    """The CLI's module-level imports: every command runs them (each command imports its stage
+    module inside its function, so cli.py's other imports belong to other stages)."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {a.name for a in node.names}
+    return sorted(m for m in found if _module_file(f"{PACKAGE.name}.{m}").exists())
+
+
+def code_deps(stage: Stage) -> list[str]:
+    """The stage module's import closure, the CLI's module-level imports, cli.py itself and, for stages
+    started through a launcher (`python -m pldistill_cli`), __main__.py."""
+    files = set(import_closure(stage.module, *_cli_imports())) | {f"{PACKAGE.name}/cli.py"}
+    if stage.launcher:
+        files.add(f"{PACKAGE.name}/__main__.py")
+    return sorted(files)
+
+
+# ------------------------------------------------------------------------------------------ dvc.yaml
+
+
+def _dvc(text: str, axes: tuple[str, ...]) -> str:
+    return text.format(**{a: "${item.%s}" % a for a in axes})
+
+
+def _out(path: str, axes, **extra) -> dict:
+    # cache: false (large or per-machine outputs stay out of DVC's cache); persist: true (DVC does not
+    # delete them before a run: every stage replaces its outputs atomically, so a failed run leaves
+    # the previous outputs as they were)
+    return {_dvc(path, axes): {"cache": False, "persist": True, **extra}}
+
+
+def dvc_stage(stage: Stage) -> dict:
+    axes = stage.axes
+    start = "${launcher}" if stage.launcher else "pldistill"
+    options = "".join(f" --{a} {{{a}}}" for a in axes)
+    entry: dict = {}
+    if axes:
+        entry["matrix"] = {a: "${%s}" % AXES[a] for a in axes}
+    entry["cmd"] = start + _dvc(f" {stage.command}{options}", axes)
+    entry["deps"] = [_dvc(d, axes) for d in stage.deps] + code_deps(stage)
+    entry["params"] = [_dvc(p, axes) for p in stage.params]
+    if stage.outs:
+        entry["outs"] = [_out(o, axes) for o in stage.outs]
+    if stage.metrics:
+        entry["metrics"] = [_out(m, axes) for m in stage.metrics]
+    return entry
+
+
+HEADER = """\
+# Generated from pldistill_cli/graph.py by `python -m pldistill_cli.graph`: do not edit by hand (a test
+# checks it is current). The pipeline preprocess -> train-teacher -> cache-teacher -> distill ->
+# evaluate -> report, over every dataset x fold (x method x seed) listed in params.yaml. Code
+# dependencies are each stage's import closure; params are exactly the keys each stage reads.
+# Outputs stay out of DVC's cache (cache: false) and are replaced atomically by their stage
+# (persist: true); interrupted stages resume from data/work/, which no stage declares.
+"""
+PLOTS = [
+    {"report/training_curves.csv": {"template": "by_run", "x": "epoch", "y": "validation_ua",
+                                    "title": "validation UA per epoch, one line per run"}},
+    "report/figures",
+]
+
+
+def render() -> str:
+    stages = {name: dvc_stage(stage) for name, stage in STAGES.items()}
+    body = yaml.safe_dump({"vars": ["params.yaml"], "stages": stages, "plots": PLOTS}, sort_keys=False, width=110)
+    return HEADER + body
+
+
+def main(argv: list[str]) -> int:
+    path = ROOT / "dvc.yaml"
+    text = render()
+    if "--check" in argv:
+        current = path.exists() and path.read_text() == text
+        print("dvc.yaml is current" if current else "dvc.yaml is stale: run `python -m pldistill_cli.graph`")
+        return 0 if current else 1
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,117 @@
+"""Distillation methods as data: each method is one row of METHODS (the loss terms it switches on,
+from which the cache columns it reads follow), and one function computes any row's loss terms from a
+batch of cached targets. A new method is one entry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forward import forward_from_encoder, step_mask
+from .losses import answer_cross_entropy, aw_cka, aw_cka_gram, bucketed_kl
+from .prompt import PromptLayout
+
+
+class TargetCollate:
+    """Pads cached rows into a batch (right padding); attention and top-k only where the rows carry them."""
+
+    def __init__(self, prompt: PromptLayout):
+        self.prompt = prompt
+
+    def __call__(self, items: list[dict]) -> dict:
+        b = len(items)
+        lengths = [len(i["encoded"]) for i in items]
+        t_max, s_max = max(lengths), max(len(i["input_ids"]) for i in items)
+        out = {
+            "index": torch.tensor([i["index"] for i in items]),
+            "labels": [i["label"] for i in items],
+            "encoded": torch.zeros(b, t_max, items[0]["encoded"].shape[1]),
+            "lengths": torch.tensor(lengths),
+            "input_ids": torch.full((b, s_max), self.prompt.pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros(b, s_max, dtype=torch.long),
+            "answer_mask": torch.zeros(b, s_max, dtype=torch.bool),
+            "kl_mask": torch.zeros(b, s_max - 1, dtype=torch.bool),
+        }
+        if "attention" in items[0]:
+            out["attention"] = torch.zeros(b, t_max)
+        if "gram" in items[0]:
+            out["gram"] = torch.zeros(b, t_max, t_max)
+        if "topk_ids" in items[0]:
+            k = items[0]["topk_ids"].shape[1]
+            out["topk_ids"] = torch.zeros(b, s_max - 1, k, dtype=torch.long)
+            out["topk_logprobs"] = torch.zeros(b, s_max - 1, k)
+        for j, item in enumerate(items):
+            t, s = lengths[j], len(item["input_ids"])
+            a = len(self.prompt.answer_ids(item["label"]))
+            out["encoded"][j, :t] = item["encoded"]
+            out["input_ids"][j, :s] = item["input_ids"]
+            out["attention_mask"][j, :s] = 1
+            out["answer_mask"][j, s - 1 - a : s - 1] = True
+            out["kl_mask"][j, : s - 1] = True
+            for key, width in (("attention", t), ("topk_ids", s - 1), ("topk_logprobs", s - 1)):
+                if key in out:
+                    out[key][j, :width] = item[key]
+            if "gram" in out:
+                out["gram"][j, :t, :t] = item["gram"]
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    """Which loss terms a method switches on (CE is always on)."""
+
+    kl: str | None  # None | "answer" (KD: answer positions) | "all" (LDist: audio + text positions)
+    projector: str | None  # None | "aw_cka" | "cka" (uniform weights) | "fitnets" (MSE via a learned adapter)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The cache columns the method reads."""
+        cols = ["id", "label", "split", "n_audio", "input_ids"]  # + encoder output, from the encoder store
+        cols += ["topk_ids", "topk_logprobs"] if self.kl else []
+        cols += ["attention"] if self.projector == "aw_cka" else []
+        return tuple(cols)
+
+
+METHODS = {
+    "ce": Method(None, None),
+    "kd": Method("answer", None),
+    "ldist": Method("all", None),
+    "pdist": Method(None, "aw_cka"),
+    "fitnets": Method("all", "fitnets"),
+    "cka": Method("all", "cka"),
+    "pl-distill": Method("all", "aw_cka"),
+}
+
+
+def distillation_terms(student, batch: dict, method: Method, teacher_weight: torch.Tensor,
+                       teacher_bias: torch.Tensor, lambda_p: float, lambda_l: float, temperature: float,
+                       adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The method's loss terms and their weighted sum for one batch of cached targets."""
+    logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
+                                                batch["attention_mask"])
+    terms = {"ce": answer_cross_entropy(logits, batch["input_ids"], batch["answer_mask"])}
+    loss = terms["ce"]
+    if method.projector:
+        mask = step_mask(batch["lengths"], projected.shape[1])
+
+        def teacher_features() -> torch.Tensor:  # the exact teacher projector output X W^T + b
+            return batch["encoded"].float() @ teacher_weight.T + teacher_bias
+
+        if method.projector == "fitnets":
+            error = (adapter(projected.float()) - teacher_features()).square().mean(-1)
+            terms["mse"] = (error * mask).sum() / mask.sum()
+            loss = loss + lambda_p * terms["mse"]
+        else:
+            weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
+            if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
+                terms["cka"] = aw_cka_gram(projected, batch["gram"], weights, mask).mean()
+            else:
+                terms["cka"] = aw_cka(projected, teacher_features(), weights, mask).mean()
+            loss = loss + lambda_p * (1 - terms["cka"])
+    if method.kl:
+        positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
+        terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions,
+                                  temperature).mean()
+        loss = loss + lambda_l * terms["kl"]
+    return {"loss": loss, **terms}
