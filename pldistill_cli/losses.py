@@ -22,6 +22,7 @@ def _no_autocast(t: Tensor) -> torch.autocast:
 
 ESTIMATORS = ("biased", "debiased")
 _RESOLUTION = 1e-4  # a debiased self-HSIC below this fraction of its terms is float32 noise
+_GRAM_RESOLUTION = 1e-5  # variance / second moment read off a centred float32 raw Gram: ~1e-6 noise
 
 
 def _check_estimator(estimator: str) -> None:
@@ -76,7 +77,9 @@ def _centre_features(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tenso
 
 
 def _centre_gram(k: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Kc = C K C^T with C = I - 1 w^T (the Gram of centred features); same flag as features.
+    """Kc = C K C^T with C = I - 1 w^T (the Gram of centred features); same flag as features,
+    with eps raised to _GRAM_RESOLUTION (centring a raw Gram in float32 leaves the variance of
+    constant features at up to ~1e-6 of their second moment, not ~1e-14 as from features).
 
     C K C^T = K - (K w) 1^T - 1 (w^T K) + (w^T K w) 1 1^T; 0 on masked rows and columns,
     K divided by its (detached) max |value| first.
@@ -91,7 +94,7 @@ def _centre_gram(k: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, T
     sw = w.sqrt()
     var = (sw * kc.diagonal(dim1=1, dim2=2) * sw).sum(-1)
     raw = (w * k.diagonal(dim1=1, dim2=2)).sum(-1)
-    return kc, var <= eps * raw
+    return kc, var <= max(eps, _GRAM_RESOLUTION) * raw
 
 
 def _weighted(zc: Tensor, w: Tensor) -> Tensor:
@@ -265,7 +268,8 @@ def aw_cka_gram(
 
     Raw means uncentred and unweighted (e.g. cached once per clip). Centring on the Gram:
     C = I - 1 w^T, D = diag(sqrt(w)), G_T = D C K C^T D (debiased: C K C^T). Equals
-    aw_cka(student, teacher, weights, mask, eps, estimator) up to float error.
+    aw_cka(student, teacher, weights, mask, eps, estimator) up to float error, except that
+    the teacher counts as constant below max(eps, 1e-5) (the float32 resolution of a raw Gram).
     """
     _check_estimator(estimator)
     with _no_autocast(student):

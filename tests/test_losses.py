@@ -244,6 +244,16 @@ def test_constant_features_zero_with_finite_grads(which: str, route: str, estima
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_constant_teacher_gram_is_degenerate(estimator: str) -> None:
+    # The raw Gram of constant features is constant only up to float32 rounding of its entries;
+    # centring it leaves a variance of up to ~1e-6 of the second moment, which must still count.
+    for t, d in [(12, 10), (75, 64)]:
+        y = (2.1 * torch.randn(64, 1, d) + 1.0).expand(64, t, d).contiguous()
+        out = aw_cka_gram(torch.randn(64, t, 6), y @ y.mT, torch.rand(64, t), estimator=estimator)
+        assert torch.equal(out, torch.zeros(64))
+
+
 def test_all_zero_features_are_handled() -> None:
     x = torch.zeros(1, 8, 4, requires_grad=True)
     out = aw_cka(x, torch.randn(1, 8, 5), torch.rand(1, 8))
