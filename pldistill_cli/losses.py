@@ -20,6 +20,15 @@ def _no_autocast(t: Tensor) -> torch.autocast:
 
 # --------------------------------------------------------------------------- AW-CKA
 
+ESTIMATORS = ("biased", "debiased")
+_RESOLUTION = 1e-4  # a debiased self-HSIC below this fraction of its terms is float32 noise
+_GRAM_RESOLUTION = 1e-5  # variance / second moment read off a centred float32 raw Gram: ~1e-6 noise
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
+
 
 def _step_weights(weights: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Normalise weights [B, T] over real steps; returns (w, mask) with w summing to 1.
@@ -35,53 +44,156 @@ def _step_weights(weights: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]
     return w / w.sum(-1, keepdim=True).clamp_min(_TINY), m
 
 
-def _centre_features(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Zc = diag(sqrt(w)) (Z - 1 mu^T), mu = w^T Z; plus a per-clip 'degenerate' flag.
+def _too_few_steps(w: Tensor, estimator: str) -> Tensor:
+    """Per clip: fewer steps of positive weight than the estimator needs (debiased: 4, biased: 1)."""
+    return (w > 0).sum(-1) < (4 if estimator == "debiased" else 1)
 
-    Features are zeroed on masked steps and divided by their (detached) max |value|,
-    which leaves CKA unchanged (scale invariance) but keeps float32 far from overflow.
-    A side is degenerate (constant features) when its weighted variance tr(G) is at most
-    eps times its uncentred weighted second moment sum_t w_t ||z_t||^2.
+
+def _scaled(z: Tensor, m: Tensor) -> Tensor:
+    """Z in float32, zeroed on masked steps and divided by its (detached) max |value| per clip.
+
+    Leaves CKA unchanged (scale invariance) but keeps float32 far from overflow.
     """
     z = torch.where(m[..., None], z.float(), 0.0)
-    z = z / z.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY).detach()
+    return z / z.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY).detach()
+
+
+def _centre(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Zc = Z - 1 mu^T on real steps (0 on masked ones), mu = w^T Z; plus a 'degenerate' flag.
+
+    A side is degenerate (constant features) when its weighted variance sum_t w_t ||zc_t||^2
+    is at most eps times its uncentred weighted second moment sum_t w_t ||z_t||^2.
+    """
     mu = torch.einsum("bt,btd->bd", w, z)
-    zc = w.sqrt()[..., None] * (z - mu[:, None, :])
-    var = zc.square().sum(dim=(1, 2))
+    zc = torch.where(m[..., None], z - mu[:, None, :], 0.0)
+    var = (w.sqrt()[..., None] * zc).square().sum(dim=(1, 2))
     raw = (w[..., None] * z.square()).sum(dim=(1, 2))
     return zc, var <= eps * raw
 
 
-def _centre_gram(k: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """G = D C K C^T D with C = I - 1 w^T, D = diag(sqrt(w)); same flag as features.
+def _centre_features(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """_centre of _scaled features: centred float32 features [B, T, D] and the degenerate flag."""
+    return _centre(_scaled(z, m), w, m, eps)
 
-    C K C^T = K - (K w) 1^T - 1 (w^T K) + (w^T K w) 1 1^T.
+
+def _centre_gram(k: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Kc = C K C^T with C = I - 1 w^T (the Gram of centred features); same flag as features,
+    with eps raised to _GRAM_RESOLUTION (centring a raw Gram in float32 leaves the variance of
+    constant features at up to ~1e-6 of their second moment, not ~1e-14 as from features).
+
+    C K C^T = K - (K w) 1^T - 1 (w^T K) + (w^T K w) 1 1^T; 0 on masked rows and columns,
+    K divided by its (detached) max |value| first.
     """
-    k = torch.where(m[:, :, None] & m[:, None, :], k.float(), 0.0)
+    mm = m[:, :, None] & m[:, None, :]
+    k = torch.where(mm, k.float(), 0.0)
     k = k / k.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY).detach()
     kw = k @ w[..., None]  # [B, T, 1]
     wk = w[:, None, :] @ k  # [B, 1, T]
     wkw = wk @ w[..., None]  # [B, 1, 1]
+    kc = torch.where(mm, k - kw - wk + wkw, 0.0)
     sw = w.sqrt()
-    g = sw[:, :, None] * (k - kw - wk + wkw) * sw[:, None, :]
-    var = g.diagonal(dim1=1, dim2=2).sum(-1)
+    var = (sw * kc.diagonal(dim1=1, dim2=2) * sw).sum(-1)
     raw = (w * k.diagonal(dim1=1, dim2=2)).sum(-1)
-    return g, var <= eps * raw
+    return kc, var <= max(eps, _GRAM_RESOLUTION) * raw
 
 
-def _gram_terms(gs: Tensor, gt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(<G_S, G_T>_F, ||G_S||_F^2, ||G_T||_F^2) from T x T Grams."""
-    return (gs * gt).sum(dim=(1, 2)), gs.square().sum(dim=(1, 2)), gt.square().sum(dim=(1, 2))
+def _weighted(zc: Tensor, w: Tensor) -> Tensor:
+    """diag(sqrt(w)) Zc: the biased estimator's features, whose Gram is G = D Kc D."""
+    return w.sqrt()[..., None] * zc
 
 
-def _feature_terms(zs: Tensor, zt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Same terms via D x D cross-products: <G_S, G_T> = ||Zs^T Zt||^2, ||G|| = ||Z^T Z||."""
-    cross = zs.mT @ zt
-    return (
-        cross.square().sum(dim=(1, 2)),
-        (zs.mT @ zs).square().sum(dim=(1, 2)),
-        (zt.mT @ zt).square().sum(dim=(1, 2)),
-    )
+def _quad(a: Tensor, k: Tensor, b: Tensor) -> Tensor:
+    """a^T K b per clip: a, b [B, T], K [B, T, T] -> [B]."""
+    return (a[:, None, :] @ (k @ b[..., None]))[:, 0, 0]
+
+
+def _debiased_gram(k: Tensor, l: Tensor, w: Tensor) -> Tensor:
+    """The terms [B, 7] of c4 HSIC_w(K, L), from centred Grams K, L [B, T, T] (K w = L w = 0).
+
+    HSIC_w is the w-weighted U-statistic of Song et al.'s order-4 kernel (see aw_cka) and
+    c4 = sum of w_i w_j w_q w_r over distinct (i, j, q, r). Inclusion-exclusion over the
+    coinciding indices, with K w = L w = 0, H = K o L, w2 = w o w, s2 = sum w2, d = diagonals:
+
+        c4 HSIC_w = (1 - s2) (w^T H w - sum w2 dK dL) - 2 w^T H w2 + 2 w2^T H w2
+                    + (w2^T dK)(w2^T dL) - 2 w2^T K (w2 o dL) - 2 w2^T L (w2 o dK).
+
+    O(T^2). The terms cancel more as the weights concentrate on fewer than ~4 steps.
+    """
+    w2 = w.square()
+    dk, dl = k.diagonal(dim1=1, dim2=2), l.diagonal(dim1=1, dim2=2)
+    hw = (k * l) @ torch.stack([w, w2], dim=-1)  # [B, T, 2]
+    c = 1 - w2.sum(-1)
+    return torch.stack([
+        c * (w * hw[..., 0]).sum(-1),
+        -c * (w2 * dk * dl).sum(-1),
+        -2 * (w * hw[..., 1]).sum(-1),
+        2 * (w2 * hw[..., 1]).sum(-1),
+        (w2 * dk).sum(-1) * (w2 * dl).sum(-1),
+        -2 * _quad(w2, k, w2 * dl),
+        -2 * _quad(w2, l, w2 * dk),
+    ], dim=-1)
+
+
+def _debiased_features(x: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """_debiased_gram's terms for K = X X^T, L = Y Y^T from centred features X [B, T, Dx],
+    Y [B, T, Dy], in O(T Dx Dy): with W = diag(w), nx_i = ||x_i||^2, ny_i = ||y_i||^2,
+
+        w^T H w = ||X^T W Y||_F^2,   w^T H w2 = <X^T W Y, X^T W^2 Y>_F,
+        w2^T H w2 = ||X^T W^2 Y||_F^2,   w2^T K (w2 o dL) = (X^T w2) . (X^T (w2 o ny)).
+    """
+    w2 = w.square()
+    nx, ny = x.square().sum(-1), y.square().sum(-1)
+    c1 = x.mT @ (w[..., None] * y)
+    c2 = x.mT @ (w2[..., None] * y)
+    xw2, yw2 = torch.einsum("bt,btd->bd", w2, x), torch.einsum("bt,btd->bd", w2, y)
+    c = 1 - w2.sum(-1)
+    return torch.stack([
+        c * c1.square().sum(dim=(1, 2)),
+        -c * (w2 * nx * ny).sum(-1),
+        -2 * (c1 * c2).sum(dim=(1, 2)),
+        2 * c2.square().sum(dim=(1, 2)),
+        (w2 * nx).sum(-1) * (w2 * ny).sum(-1),
+        -2 * (xw2 * torch.einsum("bt,btd->bd", w2 * ny, x)).sum(-1),
+        -2 * (yw2 * torch.einsum("bt,btd->bd", w2 * nx, y)).sum(-1),
+    ], dim=-1)
+
+
+def _hsic(a: Tensor, b: Tensor, w: Tensor, estimator: str, gram: bool) -> Tensor:
+    """The CKA inner product [B] of two sides given as T x T Grams (gram) or as features.
+
+    biased: <G_a, G_b>_F = ||a^T b||_F^2 of sides already scaled by _weighted;
+    debiased: c4 HSIC_w of centred, unscaled sides (the sum of _debiased_gram's terms).
+    A debiased self term (b is a) at most _RESOLUTION times the sum of its terms' magnitudes
+    is float32 cancellation noise (weights on fewer than ~4 steps) and is returned as 0.
+    """
+    if estimator == "biased":
+        return (a * b).sum(dim=(1, 2)) if gram else (a.mT @ b).square().sum(dim=(1, 2))
+    terms = _debiased_gram(a, b, w) if gram else _debiased_features(a, b, w)
+    n = terms.sum(-1)
+    return torch.where(n > _RESOLUTION * terms.abs().sum(-1), n, 0.0) if b is a else n
+
+
+def _cost_factor(estimator: str) -> int:
+    """Cross-products per pair in the feature form (the debiased one needs W and W^2)."""
+    return 2 if estimator == "debiased" else 1
+
+
+def _cka_terms(zs: Tensor, zt: Tensor, w: Tensor, estimator: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(cross, student self, teacher self) from centred features, through T x T Grams or
+    D x D cross-products, whichever is cheaper."""
+    if estimator == "biased":
+        zs, zt = _weighted(zs, w), _weighted(zt, w)
+    t, ds, dt = zs.shape[1], zs.shape[2], zt.shape[2]
+    gram = t * (ds + dt) <= _cost_factor(estimator) * (ds * ds + ds * dt + dt * dt)
+    a, b = (zs @ zs.mT, zt @ zt.mT) if gram else (zs, zt)
+    return _hsic(a, b, w, estimator, gram), _hsic(a, a, w, estimator, gram), _hsic(b, b, w, estimator, gram)
+
+
+def _self_term(z: Tensor, w: Tensor, estimator: str) -> Tensor:
+    """_hsic(z, z) of one side (scaled as _hsic expects), by Gram or features, whichever is cheaper."""
+    gram = z.shape[1] <= _cost_factor(estimator) * z.shape[2]
+    a = z @ z.mT if gram else z
+    return _hsic(a, a, w, estimator, gram)
 
 
 def _safe_cka(num: Tensor, ns2: Tensor, nt2: Tensor, degenerate: Tensor) -> Tensor:
@@ -97,6 +209,7 @@ def aw_cka(
     weights: Tensor,
     mask: Tensor | None = None,
     eps: float = 1e-8,
+    estimator: str = "biased",
 ) -> Tensor:
     """Attention-weighted linear CKA per clip.
 
@@ -113,17 +226,34 @@ def aw_cka(
     uses uniform weights. If either side is (numerically) constant -- weighted variance
     <= eps * weighted second moment -- the similarity is 0 with zero gradients.
     Uses T x T Grams or D x D cross-products, whichever is cheaper. Returns float32 [B].
+
+    estimator="debiased": <G_S, G_T> is (up to a factor that cancels) a V-statistic,
+    sum over ALL (i, j, q, r) of w_i w_j w_q w_r h_ijqr with Song et al.'s (2012) kernel
+    h_ijqr = k_ij l_ij + k_ij l_qr - 2 k_ij l_iq (K = Z_S Z_S^T, L = Z_T Z_T^T raw). The
+    debiased estimator keeps only distinct indices (removes the inflating diagonal terms):
+
+        HSIC_w(K, L) = sum_distinct w_i w_j w_q w_r h_ijqr / sum_distinct w_i w_j w_q w_r,
+        CKA = HSIC_w(K, L) / sqrt(HSIC_w(K, K) HSIC_w(L, L)).
+
+    Uniform w gives Song's unbiased HSIC_1, i.e. the debiased CKA of Nguyen et al. (2021);
+    for any fixed w it is unbiased for i.i.d. steps. Each 4-set's term is Song's HSIC_1 of
+    those 4 steps, which is invariant to feature offsets and positive semi-definite, so
+    HSIC_w is too: the debiased AW-CKA has the same invariances (offsets, orthogonal maps,
+    isotropic scaling) and lies in [-1, 1] (it can be negative; -1 <= CKA, not 0 <= CKA).
+    It needs at least 4 steps of positive weight (so at least 4 real steps): otherwise 0,
+    as is a non-positive self-HSIC. Computed in O(T^2) or O(T D^2) (_debiased_gram,
+    _debiased_features), about twice the cost of the biased one in the feature form. Its
+    closed forms cancel terms, more so with few steps or weights concentrated on 2 or 3
+    steps: float32 error is about 1e-6 for 1 / sum w^2 >= 10, 1e-5 to 1e-4 below that;
+    a self-HSIC lost in rounding (< _RESOLUTION of its terms) counts as non-positive.
     """
+    _check_estimator(estimator)
     with _no_autocast(student):
         w, m = _step_weights(weights, mask)
         zs, deg_s = _centre_features(student, w, m, eps)
         zt, deg_t = _centre_features(teacher, w, m, eps)
-        t, ds, dt = zs.shape[1], zs.shape[2], zt.shape[2]
-        if t * (ds + dt) <= ds * ds + ds * dt + dt * dt:
-            terms = _gram_terms(zs @ zs.mT, zt @ zt.mT)
-        else:
-            terms = _feature_terms(zs, zt)
-        return _safe_cka(*terms, deg_s | deg_t)
+        terms = _cka_terms(zs, zt, w, estimator)
+        return _safe_cka(*terms, deg_s | deg_t | _too_few_steps(w, estimator))
 
 
 def aw_cka_gram(
@@ -132,18 +262,136 @@ def aw_cka_gram(
     weights: Tensor,
     mask: Tensor | None = None,
     eps: float = 1e-8,
+    estimator: str = "biased",
 ) -> Tensor:
     """AW-CKA with the teacher given as its raw Gram K = Z_T Z_T^T [B, T, T].
 
     Raw means uncentred and unweighted (e.g. cached once per clip). Centring on the Gram:
-    C = I - 1 w^T, D = diag(sqrt(w)), G_T = D C K C^T D. Equals
-    aw_cka(student, teacher, weights, mask, eps) up to float error.
+    C = I - 1 w^T, D = diag(sqrt(w)), G_T = D C K C^T D (debiased: C K C^T). Equals
+    aw_cka(student, teacher, weights, mask, eps, estimator) up to float error, except that
+    the teacher counts as constant below max(eps, 1e-5) (the float32 resolution of a raw Gram).
     """
+    _check_estimator(estimator)
     with _no_autocast(student):
         w, m = _step_weights(weights, mask)
         zs, deg_s = _centre_features(student, w, m, eps)
-        gt, deg_t = _centre_gram(teacher_gram, w, m, eps)
-        return _safe_cka(*_gram_terms(zs @ zs.mT, gt), deg_s | deg_t)
+        kt, deg_t = _centre_gram(teacher_gram, w, m, eps)
+        if estimator == "biased":
+            zs, sw = _weighted(zs, w), w.sqrt()
+            kt = sw[:, :, None] * kt * sw[:, None, :]
+        ks = zs @ zs.mT
+        terms = [_hsic(a, b, w, estimator, True) for a, b in ((ks, kt), (ks, ks), (kt, kt))]
+        return _safe_cka(*terms, deg_s | deg_t | _too_few_steps(w, estimator))
+
+
+# ------------------------------------------------ AW-CKA of a linear teacher, in encoder space
+
+
+def teacher_factor(weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F [Denc + 1, r] with F F^T = A^T A / ||A||_F^2 for A = [W | b] [Dt, Denc + 1].
+
+    The teacher's projector is Z_T = X W^T + 1 b^T = X' A^T with X' = [X | 1], so every
+    Gram of teacher features is one of X' F: Z_T Z_T^T = (X' F)(X' F)^T ||A||_F^2, and
+    Y = X' F [T, r], r = min(Dt, Denc + 1), stands for Z_T exactly in AW-CKA (scale cancels).
+    F = R^T from the reduced QR A = QR, in float64: exact for any rank (no Cholesky of the
+    possibly singular A^T A, no squared condition number). Computed once per cache (detached).
+    b = None means no bias. The bias row matters only for the degenerate test (the uncentred
+    second moment); centring removes it from everything else.
+    """
+    a = weight.detach().double()
+    b = a.new_zeros(a.shape[0]) if bias is None else bias.detach().double()
+    a = torch.cat([a, b[:, None]], dim=1)
+    a = a / torch.linalg.matrix_norm(a).clamp_min(_TINY)
+    return torch.linalg.qr(a, mode="r").R.mT.float().contiguous()
+
+
+def _encoder_inputs(encoded: Tensor, m: Tensor) -> Tensor:
+    """X' = [X | 1] [B, T, Denc + 1] through _scaled (the factor F has unit Frobenius norm,
+    so ||x'_t F|| <= ||x'_t||: the teacher side Y = X' F stays as well scaled as X')."""
+    x = encoded.float()
+    return _scaled(torch.cat([x, torch.ones_like(x[..., :1])], dim=-1), m)
+
+
+def _teacher_norm(x: Tensor, factor: Tensor, w: Tensor, m: Tensor, eps: float, estimator: str) -> Tensor:
+    """sqrt of the teacher's self term (_hsic of Y = X' F with itself), or 0 where degenerate."""
+    y, degenerate = _centre(x @ factor, w, m, eps)
+    n2 = _self_term(_weighted(y, w) if estimator == "biased" else y, w, estimator)
+    ok = ~degenerate & ~_too_few_steps(w, estimator) & (n2 > 0)
+    return torch.where(ok, torch.where(ok, n2, 1.0).sqrt(), 0.0)
+
+
+def _encoded_terms(zs: Tensor, x: Tensor, factor: Tensor, w: Tensor, m: Tensor, eps: float,
+                   estimator: str) -> tuple[Tensor, Tensor]:
+    """(cross, student self) of AW-CKA against Y = X' F; zs centred (and _weighted if biased).
+
+    biased, when cheaper: ||(Zs^T Xc') F||_F^2, O(T Ds Denc + Ds Denc r), without forming Y;
+    else Y = Xc' F (O(T Denc r)) and Grams or cross-products, whichever is cheaper.
+    """
+    t, ds = zs.shape[1], zs.shape[2]
+    de, r = factor.shape
+    if estimator == "biased" and ds * de * (t + r) < t * r * (de + ds):
+        xc, _ = _centre(x, w, m, eps)
+        cross = ((zs.mT @ _weighted(xc, w)) @ factor).square().sum(dim=(1, 2))
+        return cross, _self_term(zs, w, estimator)
+    y, _ = _centre(x @ factor, w, m, eps)
+    y = _weighted(y, w) if estimator == "biased" else y
+    if t * (ds + r) <= _cost_factor(estimator) * ds * r:
+        ks = zs @ zs.mT
+        return _hsic(ks, y @ y.mT, w, estimator, True), _hsic(ks, ks, w, estimator, True)
+    return _hsic(zs, y, w, estimator, False), _self_term(zs, w, estimator)
+
+
+def teacher_self_norm(
+    encoded: Tensor,
+    factor: Tensor,
+    weights: Tensor,
+    mask: Tensor | None = None,
+    eps: float = 1e-8,
+    estimator: str = "biased",
+) -> Tensor:
+    """The teacher's CKA normaliser [B] for aw_cka_encoded, a constant of the cached clip.
+
+    sqrt of the teacher self term of Y = [X | 1] F on the _scaled encoder output (biased:
+    ||G_T||_F; debiased: sqrt(c4 HSIC_w(L, L))), 0 where the teacher is degenerate.
+    Its scale is internal: use it only with aw_cka_encoded and the same encoded, factor,
+    weights, mask, eps and estimator (padding does not change it). Float32 [B].
+    """
+    _check_estimator(estimator)
+    with _no_autocast(encoded):
+        w, m = _step_weights(weights, mask)
+        return _teacher_norm(_encoder_inputs(encoded, m), factor.float(), w, m, eps, estimator)
+
+
+def aw_cka_encoded(
+    student: Tensor,
+    encoded: Tensor,
+    factor: Tensor,
+    weights: Tensor,
+    mask: Tensor | None = None,
+    eps: float = 1e-8,
+    estimator: str = "biased",
+    teacher_norm: Tensor | None = None,
+) -> Tensor:
+    """AW-CKA against a linear teacher Z_T = X W^T + b given by its encoder output X.
+
+    encoded X [B, T, Denc] (e.g. cached); factor = teacher_factor(W, b); teacher_norm [B]
+    = teacher_self_norm(encoded, factor, weights, mask, eps, estimator), computed here if
+    None (pass it to skip the teacher's self term). With weighted centring the bias cancels
+    (Zc_T = Xc W^T), so the cross term is ||Zc_S^T Xc F||_F^2 with F F^T ~ W^T W: cost
+    O(T Ds Denc + Ds Denc r) or O(T Denc r + T Ds r), never forming the Dt-wide Z_T.
+    The debiased estimator is offset-invariant too, so it works on Y = Xc' F the same way.
+    Equals aw_cka(student, X W^T + b, weights, mask, eps, estimator) up to float error.
+    """
+    _check_estimator(estimator)
+    with _no_autocast(student):
+        w, m = _step_weights(weights, mask)
+        zs, deg_s = _centre_features(student, w, m, eps)
+        x, factor = _encoder_inputs(encoded, m), factor.float()
+        if teacher_norm is None:
+            teacher_norm = _teacher_norm(x, factor, w, m, eps, estimator)
+        zs = _weighted(zs, w) if estimator == "biased" else zs
+        cross, self_s = _encoded_terms(zs, x, factor, w, m, eps, estimator)
+        return _safe_cka(cross, self_s, teacher_norm.float().square(), deg_s | _too_few_steps(w, estimator))
 
 
 # --------------------------------------------------------------------------- logits KL

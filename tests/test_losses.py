@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from pldistill_cli.losses import aw_cka, aw_cka_gram, bucketed_kl, full_kl, topk_logprobs
+from pldistill_cli.losses import (aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl, teacher_factor,
+                                  teacher_self_norm, topk_logprobs)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +47,38 @@ def ref_weighted_cka(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     gx = sw @ c @ x @ x.T @ c.T @ sw
     gy = sw @ c @ y @ y.T @ c.T @ sw
     return float((gx * gy).sum() / (np.linalg.norm(gx) * np.linalg.norm(gy)))
+
+
+def ref_debiased_hsic(k: np.ndarray, l: np.ndarray, w: np.ndarray) -> float:
+    """Weighted U-statistic, literally: sum over distinct (i, j, q, r) of w_i w_j w_q w_r h_ijqr
+    divided by the sum of those weight products; h = k_ij l_ij + k_ij l_qr - 2 k_ij l_iq."""
+    num = den = 0.0
+    for i, j, q, r in itertools.permutations(range(len(w)), 4):
+        p = w[i] * w[j] * w[q] * w[r]
+        num += p * (k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q])
+        den += p
+    return num / den
+
+
+def ref_debiased_cka(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
+    """CKA from ref_debiased_hsic on the raw (uncentred) linear Grams, in float64."""
+    x, y, w = x.astype(np.float64), y.astype(np.float64), w.astype(np.float64)
+    k, l = x @ x.T, y @ y.T
+    return ref_debiased_hsic(k, l, w) / np.sqrt(ref_debiased_hsic(k, k, w) * ref_debiased_hsic(l, l, w))
+
+
+def ref_song_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA (Nguyen et al. 2021) from Song et al.'s (2012) closed-form HSIC_1."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    n = x.shape[0]
+
+    def hsic1(k: np.ndarray, l: np.ndarray) -> float:
+        k, l, one = k - np.diag(np.diag(k)), l - np.diag(np.diag(l)), np.ones(n)
+        return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+                - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
+
+    k, l = x @ x.T, y @ y.T
+    return hsic1(k, l) / np.sqrt(hsic1(k, k) * hsic1(l, l))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -182,9 +217,10 @@ def test_zero_weights_fall_back_to_uniform() -> None:
     assert out[0].item() == pytest.approx(ref_weighted_cka(x[0].numpy(), y[0].numpy(), w[0].numpy()), abs=1e-5)
 
 
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
 @pytest.mark.parametrize("which", ["student", "teacher", "both"])
-@pytest.mark.parametrize("gram", [False, True])
-def test_constant_features_zero_with_finite_grads(which: str, gram: bool) -> None:
+@pytest.mark.parametrize("route", ["features", "gram", "encoded"])
+def test_constant_features_zero_with_finite_grads(which: str, route: str, estimator: str) -> None:
     t = 12
     x, y = torch.randn(2, t, 6), torch.randn(2, t, 10)
     if which in ("student", "both"):
@@ -193,11 +229,29 @@ def test_constant_features_zero_with_finite_grads(which: str, gram: bool) -> Non
         y = (2.1 * torch.randn(2, 1, 10)).expand(2, t, 10).clone()
     x.requires_grad_(True)
     w = torch.rand(2, t)
-    out = aw_cka_gram(x, y @ y.mT, w) if gram else aw_cka(x, y, w)
+    encoded, weight, bias = torch.randn(2, t, 8), torch.randn(10, 8), torch.randn(10)
+    if which in ("teacher", "both"):
+        encoded = (2.1 * torch.randn(2, 1, 8)).expand(2, t, 8).clone()
+    if route == "encoded":
+        out = aw_cka_encoded(x, encoded, teacher_factor(weight, bias), w, estimator=estimator)
+    elif route == "gram":
+        out = aw_cka_gram(x, y @ y.mT, w, estimator=estimator)
+    else:
+        out = aw_cka(x, y, w, estimator=estimator)
     assert torch.equal(out.detach(), torch.zeros(2))
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_constant_teacher_gram_is_degenerate(estimator: str) -> None:
+    # The raw Gram of constant features is constant only up to float32 rounding of its entries;
+    # centring it leaves a variance of up to ~1e-6 of the second moment, which must still count.
+    for t, d in [(12, 10), (75, 64)]:
+        y = (2.1 * torch.randn(64, 1, d) + 1.0).expand(64, t, d).contiguous()
+        out = aw_cka_gram(torch.randn(64, t, 6), y @ y.mT, torch.rand(64, t), estimator=estimator)
+        assert torch.equal(out, torch.zeros(64))
 
 
 def test_all_zero_features_are_handled() -> None:
@@ -263,6 +317,330 @@ def test_gram_variant_equals_feature_variant(t: int, ds: int, dt: int) -> None:
         a = aw_cka(x, y, w, m)
         g = aw_cka_gram(x, y @ y.mT, w, m)
         assert torch.allclose(a, g, atol=1e-5), (a, g)
+
+
+# ----------------------------------------------------------------------------- debiased AW-CKA
+
+# (t, ds, dt): aw_cka's debiased estimator takes the Gram route for the first two, the
+# cross-product route for the last two.
+DEBIASED_SHAPES = [(7, 3, 5), (6, 8, 12), (7, 2, 2), (7, 1, 2)]
+
+
+@pytest.mark.parametrize("t,ds,dt", DEBIASED_SHAPES)
+def test_debiased_matches_distinct_tuple_reference(t: int, ds: int, dt: int) -> None:
+    # Offsets on both sides: the reference works on raw, uncentred Grams, the implementation
+    # centres first, so agreement also shows the estimator is offset-invariant.
+    x, y = torch.randn(3, t, ds) - 1.0, torch.randn(3, t, dt) + 1.5
+    y[..., :1] += 0.7 * x[..., :1]
+    w = 0.5 + torch.rand(3, t)
+    out = aw_cka(x, y, w, estimator="debiased")
+    out_gram = aw_cka_gram(x, y @ y.mT, w, estimator="debiased")
+    for b in range(3):
+        ref = ref_debiased_cka(x[b].numpy(), y[b].numpy(), w[b].numpy())
+        # Few steps: the closed forms cancel more than the biased ones (see test_debiased_float32_*).
+        assert out[b].item() == pytest.approx(ref, abs=1e-4)
+        assert out_gram[b].item() == pytest.approx(ref, abs=1e-4)
+
+
+@pytest.mark.parametrize("t,ds,dt", [(5, 3, 5), (12, 5, 7), (6, 48, 64), (60, 4, 6)])
+def test_debiased_uniform_weights_is_song_estimator(t: int, ds: int, dt: int) -> None:
+    x, y = torch.randn(3, t, ds), torch.randn(3, t, dt) + 1.5
+    y[..., :ds] += x
+    out = aw_cka(x, y, torch.ones(3, t), estimator="debiased")
+    out_gram = aw_cka_gram(x, y @ y.mT, torch.ones(3, t), estimator="debiased")
+    tol = 1e-4 if t < 10 else 1e-5  # few steps: float32 cancels more (see test_debiased_float32_*)
+    for b in range(3):
+        ref = ref_song_cka(x[b].numpy(), y[b].numpy())
+        assert out[b].item() == pytest.approx(ref, abs=tol)
+        assert out_gram[b].item() == pytest.approx(ref, abs=tol)
+
+
+def test_debiased_tuple_reference_is_song_at_uniform_weights() -> None:
+    # The two references agree with each other (guards the references themselves).
+    x, y = np.random.default_rng(0).normal(size=(2, 7, 3))
+    assert ref_debiased_cka(x, y, np.full(7, 0.3)) == pytest.approx(ref_song_cka(x, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("t,ds,dt", [(20, 16, 16), (80, 3, 3)])
+def test_debiased_invariances(t: int, ds: int, dt: int) -> None:
+    x, y = torch.randn(2, t, ds), torch.randn(2, t, dt)
+    y = y + 0.8 * x
+    w = torch.rand(2, t) ** 2
+    base = aw_cka(x, y, w, estimator="debiased")
+    q = _random_orthogonal(ds)
+    offset = 3.0 * torch.randn(ds)
+    variants = {
+        "orthogonal": x @ q,
+        "scaling": 7.5 * x,
+        "offset": x + offset,
+        "combined": 0.2 * (x @ q) + offset,
+    }
+    for name, v in variants.items():
+        assert torch.allclose(aw_cka(x, v, w, estimator="debiased"), torch.ones(2), atol=1e-5), name
+        assert torch.allclose(aw_cka(v, y, w, estimator="debiased"), base, atol=1e-5), name
+        # A raw Gram dominated by an offset loses float32 digits when centred: looser.
+        tol = 1e-5 if name in ("orthogonal", "scaling") else 3e-4
+        assert torch.allclose(aw_cka_gram(y, v @ v.mT, w, estimator="debiased"), base, atol=tol), name
+
+
+def test_debiased_padding_and_lengths() -> None:
+    lengths, t_max = [5, 6, 7], 9
+    xs = [torch.randn(n, 3) for n in lengths]
+    ys = [torch.randn(n, 5) + 2.0 for n in lengths]
+    ws = [0.2 + torch.rand(n) for n in lengths]
+    x, y, w = 1e3 * torch.randn(3, t_max, 3), 1e3 * torch.randn(3, t_max, 5), 50 * torch.rand(3, t_max)
+    mask = torch.zeros(3, t_max, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        x[b, :n], y[b, :n], w[b, :n], mask[b, :n] = xs[b], ys[b], ws[b], True
+    out = aw_cka(x, y, w, mask, estimator="debiased")
+    out_gram = aw_cka_gram(x, y @ y.mT, w, mask, estimator="debiased")
+    for b in range(3):
+        single = aw_cka(xs[b][None], ys[b][None], ws[b][None], estimator="debiased")
+        ref = ref_debiased_cka(xs[b].numpy(), ys[b].numpy(), ws[b].numpy())
+        assert out[b].item() == pytest.approx(single.item(), abs=1e-5)
+        assert out[b].item() == pytest.approx(ref, abs=1e-4)
+        assert out_gram[b].item() == pytest.approx(ref, abs=1e-4)
+
+
+@pytest.mark.parametrize("t,ds,dt", [(40, 3, 5), (30, 8, 6)])
+def test_debiased_gram_form_equals_feature_form(t: int, ds: int, dt: int) -> None:
+    b = 4  # aw_cka takes the cross-product route at these shapes, aw_cka_gram the Gram route
+    x, y = torch.randn(b, t, ds), torch.randn(b, t, dt) + 2.0
+    y[..., :3] += x[..., :3]
+    w = torch.rand(b, t) ** 2
+    w[2] = 0.0  # uniform fall-back
+    mask = torch.rand(b, t) > 0.3
+    mask[:, :4] = True
+    mask[3] = True
+    for m in (None, mask):
+        a = aw_cka(x, y, w, m, estimator="debiased")
+        g = aw_cka_gram(x, y @ y.mT, w, m, estimator="debiased")
+        assert torch.allclose(a, g, atol=1e-5), (a, g)
+
+
+def test_debiased_gradients() -> None:
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    y, w = torch.randn(2, 16, 12) + x.detach() @ torch.randn(8, 12), torch.rand(2, 16)
+    for fn in (lambda: aw_cka(x, y, w, estimator="debiased"),
+               lambda: aw_cka_gram(x, y @ y.mT, w, estimator="debiased")):
+        x.grad = None
+        fn().sum().backward()
+        assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # Finite differences (the function computes in float32 whatever the input dtype).
+    x = torch.randn(1, 7, 3, dtype=torch.float64)
+    y, w = torch.randn(1, 7, 4, dtype=torch.float64), 0.2 + torch.rand(1, 7, dtype=torch.float64)
+    x.requires_grad_(True)
+    aw_cka(x, y, w, estimator="debiased").sum().backward()
+    grad, h = x.grad.clone(), 1e-3
+    for idx in [(0, 0, 0), (0, 3, 1), (0, 6, 2)]:
+        xp, xm = x.detach().clone(), x.detach().clone()
+        xp[idx] += h
+        xm[idx] -= h
+        fd = (aw_cka(xp, y, w, estimator="debiased") - aw_cka(xm, y, w, estimator="debiased")).item() / (2 * h)
+        assert grad[idx].item() == pytest.approx(fd, abs=2e-3)
+
+
+@pytest.mark.parametrize("power", [0, 1, 2])
+def test_debiased_float32_agrees_with_float64(power: int) -> None:
+    # float32 arithmetic against the float64 references. The closed forms cancel terms when
+    # the weights concentrate on few steps (effective sample size 1 / sum w^2 near 4); these
+    # weights keep it around 4 to 8 at n = 8.
+    x, y = torch.randn(4, 8, 6, dtype=torch.float64), torch.randn(4, 8, 9, dtype=torch.float64) + 1.0
+    y[..., :6] += 0.5 * x
+    w = torch.rand(4, 8, dtype=torch.float64) ** power
+    for fn in (lambda: aw_cka(x, y, w, estimator="debiased"),
+               lambda: aw_cka_gram(x, y @ y.mT, w, estimator="debiased")):
+        out = fn()
+        assert out.dtype == torch.float32
+        for b in range(4):
+            ref = ref_debiased_cka(x[b].numpy(), y[b].numpy(), w[b].numpy())
+            assert out[b].item() == pytest.approx(ref, abs=1e-5)
+    as_float32 = aw_cka(x.float(), y.float(), w.float(), estimator="debiased")
+    assert torch.equal(aw_cka(x, y, w, estimator="debiased"), as_float32)
+    # Longer clips, uniform weights: Song's closed form in float64.
+    x, y = torch.randn(2, 200, 16), torch.randn(2, 200, 24) + 3.0
+    y[..., :16] += 0.3 * x
+    out = aw_cka(x, y, torch.ones(2, 200), estimator="debiased")
+    for b in range(2):
+        assert out[b].item() == pytest.approx(ref_song_cka(x[b].numpy(), y[b].numpy()), abs=1e-5)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_debiased_removes_the_small_sample_inflation(weighted: bool) -> None:
+    # Independent features with D >> T: biased linear CKA is close to 1, the debiased one is
+    # centred on 0 (it can be negative). Would fail with the diagonal terms kept.
+    x, y = torch.randn(128, 12, 200), torch.randn(128, 12, 300)
+    w = torch.rand(128, 12) if weighted else torch.ones(128, 12)
+    biased, debiased = aw_cka(x, y, w), aw_cka(x, y, w, estimator="debiased")
+    assert biased.min().item() > 0.9  # about 0.94
+    assert abs(debiased.mean().item()) < 0.05 and debiased.min().item() < 0  # spread about 0.15
+    assert (biased - debiased).mean().item() > 0.8
+
+
+def test_debiased_bounded_by_one() -> None:
+    # HSIC_w is a positive combination of 4-step HSIC_1 terms, each positive semi-definite,
+    # so Cauchy-Schwarz holds: |CKA| <= 1, and CKA(x, x) = 1.
+    for t, d in [(5, 2), (9, 4), (30, 40)]:
+        x, y = torch.randn(32, t, d), torch.randn(32, t, d)
+        y[:16] = y[:16] + 2 * x[:16]
+        w = 0.1 + torch.rand(32, t)
+        tol = 1e-4 if t < 9 else 1e-5  # few steps: float32 cancels more
+        out = aw_cka(x, y, w, estimator="debiased")
+        assert bool((out.abs() <= 1 + tol).all())
+        assert torch.allclose(aw_cka(x, x + 1.0, w, estimator="debiased"), torch.ones(32), atol=tol)
+
+
+def test_debiased_needs_four_weighted_steps() -> None:
+    x, y = torch.randn(4, 6, 3), torch.randn(4, 6, 5)
+    y[..., :3] += x
+    x.requires_grad_(True)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = False  # 3 real steps
+    mask[1, 4:] = False  # 4 real steps ...
+    w = torch.rand(4, 6) + 0.1
+    w[1, 0] = 0.0  # ... but only 3 of positive weight
+    mask[2, 4:] = False  # 4 real steps of positive weight
+    out = aw_cka(x, y, w, mask, estimator="debiased")
+    assert out[0].item() == 0.0 and out[1].item() == 0.0
+    # 4 steps: a single 4-set, the worst case for float32 cancellation.
+    assert out[2].item() == pytest.approx(ref_debiased_cka(x[2, :4].detach().numpy(), y[2, :4].numpy(),
+                                                           w[2, :4].numpy()), abs=1e-3)
+    assert aw_cka_gram(x, y @ y.mT, w, mask, estimator="debiased")[:2].eq(0).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad[:2], torch.zeros_like(x.grad[:2]))
+    assert x.grad[2].abs().sum() > 0
+
+
+def test_unknown_estimator_is_an_error() -> None:
+    x, w = torch.randn(1, 5, 3), torch.rand(1, 5)
+    factor = teacher_factor(torch.randn(4, 3))
+    for fn in (lambda: aw_cka(x, x, w, estimator="unbiased"),
+               lambda: aw_cka_gram(x, x @ x.mT, w, estimator="unbiased"),
+               lambda: aw_cka_encoded(x, x, factor, w, estimator="unbiased"),
+               lambda: teacher_self_norm(x, factor, w, estimator="unbiased")):
+        with pytest.raises(ValueError, match="estimator"):
+            fn()
+
+
+# ----------------------------------------------------------------------------- AW-CKA in encoder space
+
+# (t, ds, denc, dt): Dt > Denc and Dt < Denc; the shapes take each route of aw_cka_encoded
+# (biased: (Zs^T Xc) F, Y = Xc F with cross-products, Y with Grams).
+ENCODED_SHAPES = [(40, 4, 5, 8), (30, 20, 5, 4), (12, 40, 30, 50), (20, 8, 12, 30), (9, 12, 20, 7)]
+
+
+def _linear_teacher(denc: int, dt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(dt, denc) / denc**0.5, 3.0 * torch.randn(dt)
+
+
+def test_teacher_factor_reproduces_the_teacher_gram() -> None:
+    for denc, dt in [(6, 10), (10, 6)]:
+        weight, bias = _linear_teacher(denc, dt)
+        x = torch.randn(7, denc, dtype=torch.float64)
+        z = x @ weight.double().T + bias.double()
+        f = teacher_factor(weight, bias).double()
+        assert f.shape == (denc + 1, min(dt, denc + 1))
+        y = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1) @ f
+        scale = torch.cat([weight, bias[:, None]], 1).double().square().sum()
+        torch.testing.assert_close(y @ y.T * scale, z @ z.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+@pytest.mark.parametrize("t,ds,denc,dt", ENCODED_SHAPES)
+def test_encoded_equals_full_features(t: int, ds: int, denc: int, dt: int, estimator: str) -> None:
+    b = 3
+    student = torch.randn(b, t, ds, requires_grad=True)
+    encoded = torch.randn(b, t, denc) + 1.0
+    weight, bias = _linear_teacher(denc, dt)
+    teacher = encoded @ weight.T + bias
+    with torch.no_grad():
+        student[..., :2] += teacher[..., :2]  # correlated
+    w = 0.1 + torch.rand(b, t)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, t - 2:] = False
+    mask[2, : t // 3] = False
+    factor = teacher_factor(weight, bias)
+    out = aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator)
+    (grad,) = torch.autograd.grad(out.sum(), student)
+    for ref_fn in (lambda: aw_cka(student, teacher, w, mask, estimator=estimator),
+                   lambda: aw_cka_gram(student, teacher @ teacher.mT, w, mask, estimator=estimator)):
+        ref = ref_fn()
+        (ref_grad,) = torch.autograd.grad(ref.sum(), student)
+        tol = 1e-5 if estimator == "biased" else 1e-4  # the debiased closed forms cancel more
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-3, atol=tol / 10)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_precomputed_teacher_norm(estimator: str) -> None:
+    lengths, t_max, ds, denc, dt = [10, 16, 7], 16, 6, 9, 14
+    weight, bias = _linear_teacher(denc, dt)
+    factor = teacher_factor(weight, bias)
+    student, encoded = torch.randn(3, t_max, ds), torch.randn(3, t_max, denc)
+    w = torch.rand(3, t_max)
+    mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]
+    norm = teacher_self_norm(encoded, factor, w, mask, estimator=estimator)
+    assert norm.shape == (3,) and norm.dtype == torch.float32 and bool((norm > 0).all())
+    with_norm = aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator, teacher_norm=norm)
+    assert torch.equal(with_norm, aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator))
+    # Computed per clip without padding (as at cache time), it serves the padded batch.
+    singles = torch.cat([teacher_self_norm(encoded[b : b + 1, :n], factor, w[b : b + 1, :n], estimator=estimator)
+                         for b, n in enumerate(lengths)])
+    torch.testing.assert_close(singles, norm, rtol=1e-5, atol=0)
+    torch.testing.assert_close(aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator,
+                                              teacher_norm=singles), with_norm, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_encoded_bias_cancels_and_rank_deficient_weights(estimator: str) -> None:
+    # b cancels for both estimators (it only enters the degenerate test): the same value with
+    # and without it; a rank-2 W (Dt > Denc > 2) is handled exactly.
+    t, ds, denc, dt = 12, 5, 6, 10
+    student, encoded = torch.randn(2, t, ds), torch.randn(2, t, denc) + 2.0
+    weight = torch.randn(dt, 2) @ torch.randn(2, denc)
+    bias = 10.0 * torch.randn(dt)
+    w = torch.rand(2, t)
+    out = aw_cka_encoded(student, encoded, teacher_factor(weight, bias), w, estimator=estimator)
+    torch.testing.assert_close(out, aw_cka_encoded(student, encoded, teacher_factor(weight), w, estimator=estimator),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, aw_cka(student, encoded @ weight.T + bias, w, estimator=estimator),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_encoded_teacher_constant_in_feature_space_is_degenerate(estimator: str) -> None:
+    # X varies only in the null space of W: Z_T = X W^T + b is constant although X is not.
+    t, denc = 10, 6
+    weight = torch.cat([torch.randn(8, 3), torch.zeros(8, 3)], dim=1)
+    bias = torch.randn(8)
+    encoded = torch.randn(2, t, denc)
+    encoded[..., :3] = torch.randn(2, 1, 3)
+    student = torch.randn(2, t, 4, requires_grad=True)
+    w = torch.rand(2, t)
+    full = aw_cka(student, encoded @ weight.T + bias, w, estimator=estimator)
+    out = aw_cka_encoded(student, encoded, teacher_factor(weight, bias), w, estimator=estimator)
+    assert torch.equal(full.detach(), torch.zeros(2)) and torch.equal(out.detach(), torch.zeros(2))
+    assert torch.equal(teacher_self_norm(encoded, teacher_factor(weight, bias), w, estimator=estimator),
+                       torch.zeros(2))
+    out.sum().backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_encoded_bf16_autocast_computes_in_float32() -> None:
+    t, ds, denc, dt = 30, 16, 12, 24
+    weight, bias = _linear_teacher(denc, dt)
+    factor = teacher_factor(weight, bias)
+    student, encoded, w = torch.randn(2, t, ds), torch.randn(2, t, denc), torch.rand(2, t)
+    student[..., :12] += encoded
+    sb, eb = student.bfloat16().requires_grad_(True), encoded.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm = teacher_self_norm(eb, factor, w.bfloat16())
+        out = aw_cka_encoded(sb, eb, factor, w.bfloat16(), teacher_norm=norm)
+    assert norm.dtype == torch.float32 and out.dtype == torch.float32
+    ref = aw_cka_encoded(sb.detach().float(), eb.float(), factor, w.bfloat16().float())
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(sb.grad.float()).all()
 
 
 # ----------------------------------------------------------------------------- bucketed KL
