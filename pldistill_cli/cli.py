@@ -7,6 +7,7 @@ well under a second, as one `error:` line (exit 1; usage errors exit 2)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -16,6 +17,7 @@ import typer
 from . import __version__
 from .config import Params, Restricted, check_dataset_name, load_params
 from .errors import PldistillError
+from .files import exclusive
 from .graph import STAGES, producer
 from .layout import Layout, student_name
 from .ui import console
@@ -86,9 +88,13 @@ def _run(stage: str, values: dict, params: Path, call: Callable[[Params], object
         import torch
 
         torch.set_num_threads(settings.cpu_threads)
-    if resumes:
-        _interrupted = f"progress kept in {resumes}; re-run the same command to resume"
-    return call(settings)
+    if not resumes:
+        return call(settings)
+    _interrupted = f"progress kept in {resumes}; re-run the same command to resume"
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process holds the stage's lock
+        return call(settings)
+    with exclusive(Path(resumes), f"`pldistill {STAGES[stage].command}` for these outputs"):
+        return call(settings)
 
 
 @app.command()
@@ -234,7 +240,7 @@ def predict(
     results = predict_files(audio, folder, device or "auto")
     for r in results:
         if r.error:
-            console.print(f"[red]error:[/] {r.path}: {r.error}", highlight=False)
+            console.print(f"[red]error:[/] {r.path}: {r.error}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     else:
@@ -261,13 +267,15 @@ def export(
     params: Path = PARAMS,
 ) -> None:
     """The student (LoRA merged, fp32) with its processor, labels and a Hub model card, for plain transformers."""
+    from .export import check_destination
+
     folder, metrics = _default_student(params, dataset, fold, method, seed)
     out = out or Path("export") / f"{folder.parent.parent.name}-{folder.parent.name}-{folder.name}"
+    check_destination(out)
     if not (folder / "pldistill.json").exists():
         raise PldistillError(f"{folder}: no student here; run `dvc repro` (or `pldistill distill`) first")
-    from .export import check_destination, export_student
+    from .export import export_student
 
-    check_destination(out)
     export_student(folder, out, metrics)
     console.print(f"exported {folder} -> {out}")
 
@@ -306,8 +314,9 @@ def main() -> None:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    if code == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
         console.print(f"[yellow]interrupted[/]: {_interrupted}", highlight=False, soft_wrap=True)
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

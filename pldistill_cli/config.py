@@ -169,12 +169,6 @@ class Params:
     distill: DistillParams = dataclasses.field(default_factory=DistillParams)
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
 
-    def __post_init__(self) -> None:
-        missing = [d for d in self.datasets if d not in self.corpora]
-        if missing:
-            raise ValueError(f"datasets lists `{missing[0]}` but corpora has no entry for it; add "
-                             f"`corpora: {{{missing[0]}: {{adapter: ..., root: ...}}}}` (README: Real corpora)")
-
     def section(self, name: str) -> dict[str, Any]:
         return dataclasses.asdict(getattr(self, name))
 

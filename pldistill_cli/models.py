@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -170,7 +171,7 @@ def load_encoder(teacher_dir: Path) -> tuple[Qwen2AudioEncoderConfig, dict[str, 
     config = qwen2_audio_config(files)
     weights = {}
     for file in sorted(files.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
+        with unreadable(teacher_dir), safe_open(str(file), "pt") as f:
             for key in f.keys():
                 # transformers 5 names them model.audio_tower.*, earlier checkpoints audio_tower.*
                 name = key.removeprefix("model.")
@@ -374,10 +375,24 @@ def load_model(folder: Path, device: torch.device | str = "cpu",
     from transformers import AutoProcessor
 
     files = model_files(folder, missing_hint)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(files, dtype=dtype)
-    if (folder / "adapter_config.json").exists():
-        from peft import PeftModel
+    with unreadable(folder):
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(files, dtype=dtype)
+        if (folder / "adapter_config.json").exists():
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        processor = AutoProcessor.from_pretrained(folder)
     model.to(device).eval()
-    return model, AutoProcessor.from_pretrained(folder)
+    return model, processor
+
+
+@contextmanager
+def unreadable(folder: Path):
+    """A truncated or corrupt model file is a one-line error naming the folder, not a traceback."""
+    try:
+        yield
+    except PldistillError:
+        raise
+    except Exception as exc:  # safetensors, json and tokenizer errors all mean the same to the user
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise PldistillError(f"{folder}: unreadable model files ({reason}); re-run the stage that made it") from None

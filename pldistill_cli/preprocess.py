@@ -34,7 +34,7 @@ from .audio import BadAudio, normalize_loudness, read_audio, trim_silence, write
 from .config import Params, PreprocessParams, fingerprint, preprocessing
 from .datasets import SourceItem, resolve
 from .errors import PldistillError
-from .files import exclusive, fresh_folder, replace_folder, write_json
+from .files import fresh_folder, replace_folder, write_json
 from .layout import Layout
 from .manifest import write_manifest
 from .ui import console, progress
@@ -144,11 +144,6 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
                **corpus_overrides: str | None) -> PreprocessResult:
     adapter, corpus = resolve(dataset, params, root, **corpus_overrides)
     work = layout.work(dataset, None, "preprocess")
-    with exclusive(work, f"preprocess of {dataset}"):
-        return _preprocess(dataset, params, layout, adapter, corpus, work)
-
-
-def _preprocess(dataset: str, params: Params, layout: Layout, adapter, corpus, work: Path) -> PreprocessResult:
     with progress(f"collect {dataset}", None) as bar:
         collected = adapter.collect(dataset, corpus, params, layout, bar.advance)
     excluded = Counter(collected.excluded)
