@@ -248,6 +248,7 @@ class CachedTargets(Dataset):
     def __init__(self, rows: pd.DataFrame, columns: tuple[str, ...], store: EncoderStore, top_k: int):
         self.rows, self.columns, self.store, self.k = rows, list(columns), store, top_k
         self._part: tuple[str, pd.DataFrame] | None = None
+        self.constants: dict[str, torch.Tensor] = {}  # per-row values computed once from the rows (name -> [N])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -262,7 +263,7 @@ class CachedTargets(Dataset):
         r = self._read(where["part"]).iloc[where["row"]]
         t, s = int(r["n_audio"]), len(r["input_ids"])
         item = {"index": i, "label": r["label"], "input_ids": torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)),
-                "encoded": self.store.get(r["id"])}
+                "encoded": self.store.get(r["id"]), **{k: v[i] for k, v in self.constants.items()}}
         if "attention" in r:
             item["attention"] = torch.from_numpy(np.array(r["attention"], dtype=np.float32))
         if "gram" in r:
@@ -279,12 +280,13 @@ class CachedTargets(Dataset):
                                  "re-run `pldistill cache-teacher`")
         return item
 
-    def batches(self, batch_size: int, seed: int | None = None) -> list[list[int]]:
-        """Batches drawn within one Parquet part (parts hold clips of similar length, so little padding
-        and one part read per batch); shuffled when a seed is given."""
+    def batches(self, batch_size: int, seed: int | None = None, rows: list[int] | None = None) -> list[list[int]]:
+        """Batches (of `rows`, default all) drawn within one Parquet part (parts hold clips of similar
+        length, so little padding and one part read per batch); shuffled when a seed is given."""
         rng = np.random.default_rng(seed)
         batches = []
-        for _, group in self.rows.groupby("part", sort=True):
+        chosen = self.rows if rows is None else self.rows.iloc[rows]
+        for _, group in chosen.groupby("part", sort=True):
             idx = group.index.to_numpy()
             if seed is not None:
                 idx = rng.permutation(idx)

@@ -89,6 +89,7 @@ class TrainTeacherParams:
     # real checkpoint (encoder and projector frozen); zero-shot: the checkpoint as is
     mode: Literal["full", "lora", "zero-shot"] = "full"
     epochs: Count = 40
+    patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
     batch_size: Count = 16  # per process (GPU)
     grad_accum: Count = 1
     lr: Positive = 1e-3
@@ -116,7 +117,11 @@ class CacheParams:
 class DistillParams:
     lambda_p: NonNegative = 1.0
     lambda_l: NonNegative = 1.0
+    # biased: AW-CKA as in the paper (weighted HSIC with its diagonal); debiased: the weighted
+    # U-statistic of Song et al.'s unbiased HSIC (no inflation when T is small against the width)
+    cka_estimator: Literal["biased", "debiased"] = "biased"
     epochs: Count = 20
+    patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
     batch_size: Count = 16  # per process (GPU)
     grad_accum: Count = 1
     lr: Positive = 2e-3

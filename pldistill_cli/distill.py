@@ -20,28 +20,61 @@ from .errors import PldistillError
 from .forward import score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels
-from .methods import METHODS, TargetCollate, distillation_terms
+from .methods import METHODS, Method, TargetCollate, Teacher, distillation_terms
 from .metrics import classification_metrics
 from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
                      environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
 from .prompt import PromptLayout
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       start_processes, train_with_validation)
+                       sharded_predictions, start_processes, train_with_validation)
 from .ui import console, progress
 
 
 @torch.no_grad()
-def predict_cached(student, prompt: PromptLayout, targets: CachedTargets, batch_size: int, device) -> list[str]:
-    loader = DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt))
-    predictions = [""] * len(targets)
-    with progress("validate", len(targets)) as bar:
+def predict_cached(student, prompt: PromptLayout, targets: CachedTargets, rows: list[int], batch_size: int,
+                   device) -> list[str]:
+    """The student's label for each of `rows` of the cached split, ranked from the cached encoder output."""
+    loader = DataLoader(targets, batch_sampler=targets.batches(batch_size, rows=rows), collate_fn=TargetCollate(prompt))
+    predictions = {}
+    with progress("validate", len(rows)) as bar:
         for batch in loader:
             with autocast(device):
                 scores = score_labels(student, prompt, batch["encoded"].to(device), batch["lengths"].to(device))
             for i, j in zip(batch["index"].tolist(), scores.argmax(1).tolist()):
                 predictions[i] = prompt.labels[j]
             bar.advance(len(batch["labels"]))
-    return predictions
+    return [predictions[i] for i in rows]
+
+
+def probe(student, batch: dict, method: Method, teacher: Teacher, p, adapter, device) -> dict[str, float]:
+    """Whether each distillation term is alive, on one fixed training batch: its value, and the norm of
+    its (weighted) gradient on the trainable parameters beside CE's (the report's diagnostics)."""
+    params = [x for x in student.parameters() if x.requires_grad]
+    with autocast(device):
+        terms = distillation_terms(student, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l, adapter)
+    weighted = {"ce": terms["ce"]}
+    if "cka" in terms or "mse" in terms:
+        weighted["projector"] = p.lambda_p * ((1 - terms["cka"]) if "cka" in terms else terms["mse"])
+    if "kl" in terms:
+        weighted["kl"] = p.lambda_l * terms["kl"]
+    out = {f"probe_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}
+    for name, value in weighted.items():
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        out[f"grad_{name}"] = float(torch.sqrt(sum(g.float().square().sum() for g in grads if g is not None)))
+    return out
+
+
+@torch.no_grad()
+def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, prompt: PromptLayout,
+                      batch_size: int) -> None:
+    """Compute what the teacher contributes that is a constant of the clip (its CKA normaliser) once,
+    before training, so a training step computes only the student's side."""
+    if method.projector not in ("aw_cka", "cka") or "gram" in targets.columns:
+        return
+    norms = torch.zeros(len(targets))
+    for batch in DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt)):
+        norms[batch["index"]] = teacher.norms(method, batch)
+    targets.constants["teacher_norm"] = norms
 
 
 def _to(batch: dict, device) -> dict:
@@ -106,7 +139,10 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     trained = {"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})}
     for module in trained.values():
         module.to(device)
-    teacher_weight, teacher_bias = cache.projector_weight.to(device), cache.projector_bias.to(device)
+    teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
+                         p.cka_estimator)
+    teacher_constants(train, method, teacher, prompt, p.batch_size)
+    teacher = teacher.to(device)
     trainable = sum(x.numel() for x in student.parameters() if x.requires_grad)
     console.print(f"student ({params.model.preset}, {method_name}): {count_parameters(student):,} parameters "
                   f"(shared storage counted once), {trainable:,} trainable; {len(train)} train / "
@@ -115,19 +151,21 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     collate = TargetCollate(prompt)
 
     def batches(epoch: int):
-        own = shard(train.batches(p.batch_size, seed + epoch), processes)
+        own = shard(train.batches(p.batch_size, seed + epoch), processes, p.grad_accum)
         return DataLoader(train, batch_sampler=own, collate_fn=collate, num_workers=p.loader_workers,
                           persistent_workers=False)
 
+    probe_batch = collate([train[i] for i in train.batches(p.batch_size)[0]])  # the same batch every epoch
+
     def terms(batch: dict) -> dict[str, torch.Tensor]:
         with autocast(device):
-            return distillation_terms(student, _to(batch, device), method, teacher_weight, teacher_bias, p.lambda_p,
-                                      p.lambda_l, cache.meta.cache["temperature"], adapter)
+            return distillation_terms(student, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l, adapter)
 
     truth = validation.rows["label"].tolist()
 
     def validate() -> float:
-        return classification_metrics(truth, predict_cached(student, prompt, validation, p.batch_size, device), labels)["ua"]
+        predict = lambda rows: predict_cached(student, prompt, validation, rows, p.batch_size, device)  # noqa: E731
+        return classification_metrics(truth, sharded_predictions(len(truth), predict, processes), labels)["ua"]
 
     made_by = ModelMeta(
         "distill", dataset, fold, labels, prompt.text, params.model.preset, seed,
@@ -135,9 +173,10 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
         environment(device), method=method_name,
         student_llm=llm_origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
     work = layout.work(dataset, fold, name)
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
+    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
     result = train_with_validation(TrainingStep(trained, terms), batches, validate, settings, len(batches(0)), work,
-                                   fingerprint(dataclasses.asdict(made_by)), f"distill {name} {dataset} fold {fold}")
+                                   fingerprint(dataclasses.asdict(made_by)), f"distill {name} {dataset} fold {fold}",
+                                   lambda: probe(student, probe_batch, method, teacher, p, adapter, device))
     summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
                                   history=tuple(result.history))
     if processes.is_main_process:

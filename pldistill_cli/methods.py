@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from .forward import forward_from_encoder, step_mask
-from .losses import answer_cross_entropy, aw_cka, aw_cka_gram, bucketed_kl
+from .losses import (answer_cross_entropy, aw_cka_encoded, aw_cka_gram, bucketed_kl, teacher_factor,
+                     teacher_self_norm)
 from .prompt import PromptLayout
 
 
@@ -33,6 +34,8 @@ class TargetCollate:
             "answer_mask": torch.zeros(b, s_max, dtype=torch.bool),
             "kl_mask": torch.zeros(b, s_max - 1, dtype=torch.bool),
         }
+        if "teacher_norm" in items[0]:
+            out["teacher_norm"] = torch.stack([i["teacher_norm"] for i in items])
         if "attention" in items[0]:
             out["attention"] = torch.zeros(b, t_max)
         if "gram" in items[0]:
@@ -84,34 +87,65 @@ METHODS = {
 }
 
 
-def distillation_terms(student, batch: dict, method: Method, teacher_weight: torch.Tensor,
-                       teacher_bias: torch.Tensor, lambda_p: float, lambda_l: float, temperature: float,
+@dataclass(frozen=True)
+class Teacher:
+    """What a cached teacher contributes: its projector Z_T = X W^T + b (for FitNets' MSE), the
+    encoder-space factor F of [W | b] through which AW-CKA never forms Z_T (losses.teacher_factor),
+    the temperature of its cached log-probabilities, and the CKA estimator (biased | debiased)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    factor: torch.Tensor
+    temperature: float
+    estimator: str = "biased"
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor, temperature: float, estimator: str = "biased") -> "Teacher":
+        return cls(weight, bias, teacher_factor(weight, bias), temperature, estimator)
+
+    def to(self, device) -> "Teacher":
+        return Teacher(self.weight.to(device), self.bias.to(device), self.factor.to(device), self.temperature,
+                       self.estimator)
+
+    def features(self, encoded: torch.Tensor) -> torch.Tensor:
+        return encoded.float() @ self.weight.T + self.bias
+
+    def cka_weights(self, method: Method, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+        return batch["attention"] if method.projector == "aw_cka" else mask.float()
+
+    def norms(self, method: Method, batch: dict) -> torch.Tensor:
+        """The teacher's CKA normaliser of each clip: a constant of the cached clip, computed once."""
+        mask = step_mask(batch["lengths"], batch["encoded"].shape[1])
+        return teacher_self_norm(batch["encoded"], self.factor, self.cka_weights(method, batch, mask), mask,
+                                 estimator=self.estimator)
+
+
+def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, lambda_p: float, lambda_l: float,
                        adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The method's loss terms and their weighted sum for one batch of cached targets."""
+    """The method's loss terms and their weighted sum for one batch of cached targets:
+    loss = CE + lambda_P (1 - CKA) (or lambda_P MSE for FitNets) + lambda_L KL."""
     logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
                                                 batch["attention_mask"])
     terms = {"ce": answer_cross_entropy(logits, batch["input_ids"], batch["answer_mask"])}
     loss = terms["ce"]
     if method.projector:
         mask = step_mask(batch["lengths"], projected.shape[1])
-
-        def teacher_features() -> torch.Tensor:  # the exact teacher projector output X W^T + b
-            return batch["encoded"].float() @ teacher_weight.T + teacher_bias
-
         if method.projector == "fitnets":
-            error = (adapter(projected.float()) - teacher_features()).square().mean(-1)
+            error = (adapter(projected.float()) - teacher.features(batch["encoded"])).square().mean(-1)
             terms["mse"] = (error * mask).sum() / mask.sum()
             loss = loss + lambda_p * terms["mse"]
         else:
-            weights = batch["attention"] if method.projector == "aw_cka" else mask.float()
+            weights = teacher.cka_weights(method, batch, mask)
             if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
-                terms["cka"] = aw_cka_gram(projected, batch["gram"], weights, mask).mean()
-            else:
-                terms["cka"] = aw_cka(projected, teacher_features(), weights, mask).mean()
+                cka = aw_cka_gram(projected, batch["gram"], weights, mask, estimator=teacher.estimator)
+            else:  # exact, in encoder space: never forms Z_T; its normaliser is precomputed when given
+                cka = aw_cka_encoded(projected, batch["encoded"], teacher.factor, weights, mask,
+                                     estimator=teacher.estimator, teacher_norm=batch.get("teacher_norm"))
+            terms["cka"] = cka.mean()
             loss = loss + lambda_p * (1 - terms["cka"])
     if method.kl:
         positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
         terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions,
-                                  temperature).mean()
+                                  teacher.temperature).mean()
         loss = loss + lambda_l * terms["kl"]
     return {"loss": loss, **terms}

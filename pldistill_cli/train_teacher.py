@@ -27,7 +27,7 @@ from .models import (ModelMeta, add_lora, build_teacher, check_sample_rate, coun
 from .prompt import PromptLayout
 from .scoring import predict_audio
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       shuffled_batches, start_processes, train_with_validation)
+                       sharded_predictions, shuffled_batches, start_processes, train_with_validation)
 from .ui import console
 
 
@@ -81,7 +81,7 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     collate = AudioCollate(processor)
 
     def batches(epoch: int):
-        own = shard(shuffled_batches(len(clips), p.batch_size, params.seed + epoch), processes)
+        own = shard(shuffled_batches(len(clips), p.batch_size, params.seed + epoch), processes, p.grad_accum)
         return DataLoader(clips, batch_sampler=own, collate_fn=collate)
 
     def terms(batch) -> dict[str, torch.Tensor]:
@@ -92,11 +92,15 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         return {"loss": answer_cross_entropy(logits, text.input_ids, text.answer_mask)}
 
     def validate() -> float:
-        scored = predict_audio(model, processor, prompt, validation, p.batch_size, device, "validate")
-        return classification_metrics(validation["label"].tolist(), scored.predictions, labels)["ua"]
+        def predict(rows: list[int]) -> list[str]:
+            return predict_audio(model, processor, prompt, validation.iloc[rows], p.batch_size, device,
+                                 "validate").predictions
+
+        predictions = sharded_predictions(len(validation), predict, processes)
+        return classification_metrics(validation["label"].tolist(), predictions, labels)["ua"]
 
     work = layout.work(dataset, fold, "train-teacher")
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum)
+    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
     result = train_with_validation(TrainingStep({"teacher": model}, terms), batches, validate, settings,
                                    len(batches(0)), work, fingerprint(dataclasses.asdict(made_by)),
                                    f"train teacher {dataset} fold {fold}")

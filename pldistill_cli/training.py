@@ -48,11 +48,31 @@ def start_processes(device: torch.device, world_size: int = 0):
     return state
 
 
-def shard(batches: list[list[int]], state) -> list[list[int]]:
+def shard(batches: list[list[int]], state, grad_accum: int = 1) -> list[list[int]]:
     """This process's share of an epoch's batches: every process gets the same number of whole
-    batches (DDP needs equal steps); the at most num_processes - 1 left over are dropped."""
+    accumulation groups (DDP needs equal steps), floor(batches / processes / grad_accum) of them;
+    the batches left over are dropped (at most processes x grad_accum - 1)."""
     n = state.num_processes
-    return batches[state.process_index :: n][: len(batches) // n] if n > 1 else batches
+    per_process = len(batches) // n // grad_accum * grad_accum
+    if per_process == 0:
+        raise PldistillError(f"{len(batches)} batches per epoch cannot feed {n} process(es) x grad_accum {grad_accum}; "
+                             "lower batch_size, grad_accum or the number of processes")
+    return batches[state.process_index :: n][:per_process]
+
+
+def sharded_predictions(n_items: int, predict: Callable[[list[int]], list[str]], state) -> list[str]:
+    """Every process predicts its share of the n items (every num_processes-th); every process gets
+    all n predictions back, in order (validation costs 1 / num_processes of one process's time)."""
+    mine = list(range(state.process_index, n_items, state.num_processes))
+    pairs = list(zip(mine, predict(mine)))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        pairs = gather_object(pairs)
+    out = [""] * n_items
+    for i, prediction in pairs:
+        out[i] = prediction
+    return out
 
 
 def shuffled_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
@@ -80,13 +100,14 @@ class LoopSettings:
     max_grad_norm: float
     grad_accum: int = 1
     warmup_steps: int = 0
+    patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
 
 
 @dataclass
 class LoopResult:
     best_score: float
     best_epoch: int
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # per epoch (epoch 0: before training, if diagnosed)
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -116,14 +137,17 @@ def train_with_validation(
     work_dir: Path,
     fingerprint: str,
     description: str,
+    diagnose: Callable[[], dict] | None = None,
 ) -> LoopResult:
     """Train the model's trainable parameters; keep the weights that score best on validation.
 
-    `batches(epoch)` yields this process's batches of the epoch, `model(batch)` returns the loss
-    terms with the total under "loss", `validate()` scores the model (higher is better; every
-    process scores the same weights). With several processes the model trains data-parallel
-    (accelerate's DDP; the main process writes the state). State is saved after every epoch in
-    work_dir and picked up again by a re-run with the same fingerprint; on return the model holds
+    `batches(epoch)` yields this process's batches of the epoch (whole accumulation groups: see
+    shard), `model(batch)` returns the loss terms with the total under "loss", `validate()` scores
+    the model (higher is better; every process gets the same score). `diagnose()`, if given, adds
+    its numbers to the history before training (epoch 0) and after every epoch. Training stops early
+    after `patience` epochs without improvement. With several processes the model trains data-
+    parallel (accelerate's DDP; the main process writes the state). State is saved after every epoch
+    in work_dir and picked up again by a re-run with the same fingerprint; on return the model holds
     the best weights; the caller removes the work folder once its output is saved."""
     from accelerate import Accelerator
 
@@ -132,7 +156,7 @@ def train_with_validation(
     parallel = accelerator.prepare_model(model) if accelerator.num_processes > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    updates = max(1, settings.epochs * steps_per_epoch // settings.grad_accum)
+    updates = settings.epochs * steps_per_epoch // settings.grad_accum
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, updates)
     result, start, best_state = LoopResult(float("-inf"), -1), 0, None
     state_file, progress_file = work_dir / "state.pt", work_dir / "state.json"
@@ -145,15 +169,20 @@ def train_with_validation(
         torch.set_rng_state(state["rng"])
         best_state, start = state["best"], done["epoch"] + 1
         result = LoopResult(done["best_score"], done["best_epoch"], done["history"])
+    elif diagnose is not None:
+        model.eval()
+        result.history.append({"epoch": 0, **diagnose()})
 
     with progress(description, settings.epochs * steps_per_epoch) as bar:
         bar.update(completed=start * steps_per_epoch)
         for epoch in range(start, settings.epochs):
+            if settings.patience and epoch - result.best_epoch >= settings.patience:
+                break  # no better validation score for `patience` epochs
             model.train()
             totals: dict[str, float] = {}
-            n = 0
+            n = steps = 0
             for i, batch in enumerate(batches(epoch)):
-                update = (i + 1) % settings.grad_accum == 0 or i + 1 == steps_per_epoch
+                update = (i + 1) % settings.grad_accum == 0
                 with nullcontext() if update else accelerator.no_sync(parallel):  # all-reduce once per update
                     terms = parallel(batch)
                     _check_finite(terms, epoch, i)
@@ -163,6 +192,7 @@ def train_with_validation(
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
+                    steps += 1
                 for k, v in terms.items():
                     totals[k] = totals.get(k, 0.0) + float(v.detach())
                 n += 1
@@ -170,7 +200,8 @@ def train_with_validation(
                 bar.advance(1, info=f"epoch {epoch + 1} {info}")
             model.eval()
             score = validate()
-            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in totals.items()}, "validation_ua": score}
+            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in totals.items()}, "validation_ua": score,
+                      "updates": steps, **(diagnose() if diagnose is not None else {})}
             result.history.append(record)
             if score > result.best_score:
                 result.best_score, result.best_epoch, best_state = score, epoch + 1, _trainable_state(model)

@@ -22,7 +22,7 @@ from transformers.models.qwen2_audio.configuration_qwen2_audio import (
 )
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
-from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
+from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
 from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.labels import LABEL_SETS
 from pldistill_cli.models import (
@@ -86,7 +86,7 @@ def time_steps(student, batch, method, projector, optimizer, device, warmup: int
 
     def one_step():
         with autocast(device):
-            terms = distillation_terms(student, batch, method, weight, bias, 1.0, 1.0, 2.0)
+            terms = distillation_terms(student, batch, method, Teacher.of(weight, bias, 2.0), 1.0, 1.0)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

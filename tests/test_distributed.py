@@ -1,6 +1,7 @@
 """Several processes (torchrun, gloo on CPU): cache-teacher shards by rank without losing or
 repeating an utterance, and distill trains data-parallel."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -81,7 +82,7 @@ def test_two_process_distill_trains(root):
     result = launch(root, "distill", "--method", "pl-distill")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
-    import json
+
 
     made = json.loads((root / "data/runs/synthetic/fold1/student-pl-distill-s5/pldistill.json").read_text())
     losses = [h["loss"] for h in made["history"]]
@@ -94,3 +95,20 @@ def test_a_run_whose_world_size_disagrees_stops(root):
     assert result.returncode == 1
     lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "world_size is 2 but 1 process(es) started" in lines[0]
+
+
+def test_data_parallel_ranks_stay_identical_and_step_as_documented(tmp_path):
+    """The shared training loop under torchrun: both ranks end with the same weights (gradients are
+    all-reduced), each epoch takes floor(batches / processes / grad_accum) optimizer steps, and each
+    rank scores only its share of the validation items but gets every prediction back."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(Path(__file__).with_name("ddp_probe.py")), str(tmp_path), "11", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["updates"] == ranks[1]["updates"] == [11 // 2 // 2] * 3
+    assert set(ranks[0]["scored"]).isdisjoint(ranks[1]["scored"])
+    assert sorted(ranks[0]["scored"] + ranks[1]["scored"]) == list(range(44))
+    assert ranks[0]["predictions"] == ranks[1]["predictions"] and all(ranks[0]["predictions"])

@@ -1,14 +1,19 @@
-"""Each distillation method switches on exactly the loss terms of its row in the README's table:
-checked by which cached targets move the student's gradients, and which cache columns it reads."""
+"""Each distillation method is its row of the README's table, with the paper's loss composition:
+checked against sums computed independently (CE by hand from the answer tokens' log-probabilities),
+by which cached targets move the student's gradients, and by which cache columns it reads."""
+
+from typing import get_args
 
 import pytest
 import torch
 
-from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
-from pldistill_cli.prompt import PromptLayout
+from pldistill_cli.config import MethodName
+from pldistill_cli.forward import forward_from_encoder, step_mask
 from pldistill_cli.labels import label_set
-from pldistill_cli.losses import topk_logprobs
+from pldistill_cli.losses import aw_cka, bucketed_kl, topk_logprobs
+from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset
+from pldistill_cli.prompt import PromptLayout
 
 # which perturbed target may change the gradient: KL at answer positions, KL elsewhere, attention w, teacher features
 EXPECTED = {
@@ -20,6 +25,7 @@ EXPECTED = {
     "cka": {"kl_answer", "kl_other", "teacher"},
     "pl-distill": {"kl_answer", "kl_other", "attention", "teacher"},
 }
+CLIPS = [(7, "Happy"), (5, "Surprise"), (9, "Sad")]  # audio steps, label
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def setup(tiny_teacher):
                                build_student_llm(get_preset("tiny"), len(processor.tokenizer), 0), 0)
     g = torch.Generator().manual_seed(0)
     items = []
-    for i, (t, label) in enumerate([(7, "Happy"), (5, "Surprise"), (9, "Sad")]):
+    for i, (t, label) in enumerate(CLIPS):
         ids = torch.tensor(prompt.prompt_ids(t) + list(prompt.answer_ids(label)))
         ids_k, lp_k = topk_logprobs(torch.randn(len(ids) - 1, len(processor.tokenizer), generator=g), 4, 2.0)
         items.append({"index": i, "label": label, "input_ids": ids,
@@ -39,14 +45,19 @@ def setup(tiny_teacher):
                       "attention": torch.rand(t, generator=g), "topk_ids": ids_k, "topk_logprobs": lp_k})
     batch = TargetCollate(prompt)(items)
     d_teacher = teacher.config.text_config.hidden_size
-    weight, bias = torch.randn(d_teacher, teacher.config.audio_config.d_model, generator=g), torch.zeros(d_teacher)
-    return student, batch, weight, bias
+    weight = torch.randn(d_teacher, teacher.config.audio_config.d_model, generator=g)
+    bias = 0.1 * torch.randn(d_teacher, generator=g)
+    return student, batch, weight, bias, prompt
+
+
+def test_the_method_table_is_the_configured_set_of_methods():
+    assert set(METHODS) == set(get_args(MethodName))
 
 
 def _gradient(student, batch, method, weight, bias, adapter):
     student.zero_grad()
     adapter.zero_grad()
-    terms = distillation_terms(student, batch, METHODS[method], weight, bias, 1.0, 1.0, 2.0, adapter)
+    terms = distillation_terms(student, batch, METHODS[method], Teacher.of(weight, bias, 2.0), 1.0, 1.0, adapter)
     terms["loss"].backward()
     return torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]), set(terms)
 
@@ -64,7 +75,7 @@ def _perturbed(batch, weight, what):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_gradients_depend_on_exactly_its_targets(setup, method):
-    student, batch, weight, bias = setup
+    student, batch, weight, bias, _ = setup
     torch.manual_seed(0)
     adapter = torch.nn.Linear(student.config.text_config.hidden_size, weight.shape[0])
     base, terms = _gradient(student, batch, method, weight, bias, adapter)
@@ -83,3 +94,57 @@ def test_methods_read_only_the_cache_columns_they_need(method):
     columns = set(METHODS[method].columns)
     assert ({"topk_ids", "topk_logprobs"} <= columns) == ("kl_answer" in EXPECTED[method])
     assert ("attention" in columns) == ("attention" in EXPECTED[method])
+
+
+def _hand_ce(logits: torch.Tensor, prompt: PromptLayout) -> torch.Tensor:
+    """Mean -log p(answer token) over every answer token (label tokens and end of turn) of every clip,
+    read off the logits at the position before each token: the prompt is followed by the answer."""
+    losses = []
+    for i, (t, label) in enumerate(CLIPS):
+        start = len(prompt.prompt_ids(t))
+        for j, token in enumerate(prompt.answer_ids(label)):
+            losses.append(-logits[i, start + j - 1].float().log_softmax(-1)[token])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_the_total_loss_is_ce_plus_the_weighted_terms(setup, method, estimator):
+    student, batch, weight, bias, prompt = setup
+    lambda_p, lambda_l = 0.3, 1.7  # unequal: a swap of the two weights shows
+    teacher = Teacher.of(weight, bias, 2.0, estimator)
+    torch.manual_seed(0)
+    adapter = torch.nn.Linear(student.config.text_config.hidden_size, weight.shape[0])
+    with torch.no_grad():
+        terms = distillation_terms(student, batch, METHODS[method], teacher, lambda_p, lambda_l, adapter)
+        logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
+                                                    batch["attention_mask"])
+    row = METHODS[method]
+    mask = step_mask(batch["lengths"], projected.shape[1])
+    expected = {"ce": _hand_ce(logits, prompt)}
+    if row.projector in ("aw_cka", "cka"):  # against full teacher features X W^T + b, not the encoder-space path
+        weights = batch["attention"] if row.projector == "aw_cka" else mask.float()
+        expected["cka"] = aw_cka(projected, batch["encoded"] @ weight.T + bias, weights, mask, estimator=estimator).mean()
+    if row.projector == "fitnets":
+        error = (adapter(projected) - (batch["encoded"] @ weight.T + bias)).square().mean(-1)
+        expected["mse"] = error[mask].mean()
+    if row.kl:
+        positions = batch["kl_mask"] if row.kl == "all" else batch["answer_mask"][:, :-1]
+        expected["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions, 2.0).mean()
+    total = (expected["ce"] + lambda_p * (1 - expected.get("cka", 1.0)) + lambda_p * expected.get("mse", 0.0)
+             + lambda_l * expected.get("kl", 0.0))
+    assert set(terms) == {"loss", *expected}
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key], torch.as_tensor(value), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(terms["loss"], torch.as_tensor(total), atol=1e-5, rtol=1e-5)
+
+
+def test_precomputed_teacher_norms_change_nothing(setup):
+    student, batch, weight, bias, _ = setup
+    teacher = Teacher.of(weight, bias, 2.0)
+    with torch.no_grad():
+        for method in ("pl-distill", "cka", "pdist"):
+            plain = distillation_terms(student, batch, METHODS[method], teacher, 1.0, 1.0)
+            given = distillation_terms(student, {**batch, "teacher_norm": teacher.norms(METHODS[method], batch)},
+                                       METHODS[method], teacher, 1.0, 1.0)
+            torch.testing.assert_close(given["cka"], plain["cka"], rtol=0, atol=1e-6)
