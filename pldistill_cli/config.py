@@ -90,6 +90,7 @@ class TrainTeacherParams:
     mode: Literal["full", "lora", "zero-shot"] = "full"
     epochs: Count = 40
     patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
+    refit: bool = False  # then retrain on train + validation for the best epoch count (no validation left)
     batch_size: Count = 16  # per process (GPU)
     grad_accum: Count = 1
     lr: Positive = 1e-3
@@ -122,6 +123,7 @@ class DistillParams:
     cka_estimator: Literal["biased", "debiased"] = "biased"
     epochs: Count = 20
     patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
+    refit: bool = False  # then retrain on train + validation for the best epoch count (no validation left)
     batch_size: Count = 16  # per process (GPU)
     grad_accum: Count = 1
     lr: Positive = 2e-3
@@ -144,6 +146,9 @@ class EvaluateParams:
     scoring: Literal["rank", "generate"] = "rank"
     max_new_tokens: Count = 8  # generate: answer length limit
     attention_examples: NonNegativeInt = 4  # test clips whose teacher attention the report shows
+    # shortcut references fitted on train and scored on test; egemaps needs the `egemaps` extra (openSMILE)
+    references: Annotated[tuple[Literal["duration", "prosody", "egemaps"], ...], Field(min_length=1)] = (
+        "duration", "prosody")
 
 
 def _default_corpora() -> dict[str, CorpusParams]:

@@ -16,7 +16,6 @@ import torch
 
 from .config import Params
 from .data import AudioClips, AudioCollate, text_batch
-from .errors import PldistillError
 from .files import atomic_path, write_json
 from .forward import encode_audio, forward_with_audio_attention
 from .layout import Layout, student_name
@@ -34,10 +33,11 @@ SCORING = {
 }
 
 
-def _write_predictions(path, rows: pd.DataFrame, y_pred: Sequence[str], labels: Sequence[str],
+def _write_predictions(path, rows: pd.DataFrame, y_pred: dict[str, Sequence[str]], labels: Sequence[str],
                        scored: Scored | None = None) -> None:
+    """The test clips with each model's prediction (column `prediction`, or one per reference)."""
     out = pd.DataFrame({"id": rows["id"], "speaker": rows["speaker"], "label": rows["label"],
-                        "prediction": list(y_pred)})
+                        **{k: list(v) for k, v in y_pred.items()}})
     if scored is not None and scored.scores is not None:
         for j, label in enumerate(labels):
             out[f"logp_{label}"] = scored.scores[:, j]
@@ -62,18 +62,14 @@ def attention_examples(model, processor, prompt: PromptLayout, rows: pd.DataFram
             for r, w in zip(rows.itertuples(), weights)]
 
 
-def _outputs(layout: Layout, dataset: str, fold: int, name: str, test: pd.DataFrame, predictions: list[str],
-             labels: tuple[str, ...], seed: int, details: dict, scored: Scored | None = None) -> dict:
-    """Write a model's metrics (headline numbers), details and predictions; returns the details."""
+def _details(name: str, dataset: str, fold: int, test: pd.DataFrame, predictions: list[str],
+             labels: tuple[str, ...], seed: int, extra: dict) -> dict:
+    """A model's metrics on the test split, with its speaker-level interval and what made it."""
     truth = test["label"].tolist()
-    metrics = classification_metrics(truth, predictions, labels)
-    details = {**metrics, "ua_ci95": cluster_bootstrap_ua(truth, predictions, test["speaker"].tolist(), seed=seed),
-               "speakers": int(test["speaker"].nunique()), "model": name, "dataset": dataset, "fold": fold,
-               "labels": list(labels), **details}
-    write_json(layout.metrics(dataset, fold, name), {"test": headline(metrics)})
-    write_json(layout.details(dataset, fold, name), details)
-    _write_predictions(layout.predictions(dataset, fold, name), test, predictions, labels, scored)
-    return details
+    return {**classification_metrics(truth, predictions, labels),
+            "ua_ci95": cluster_bootstrap_ua(truth, predictions, test["speaker"].tolist(), seed=seed),
+            "speakers": int(test["speaker"].nunique()), "model": name, "dataset": dataset, "fold": fold,
+            "labels": list(labels), **extra}
 
 
 def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: Layout = Layout(),
@@ -94,14 +90,18 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
     scored = predict_audio(model, processor, prompt, test, p.batch_size, device, f"evaluate {name}", p.scoring,
                            p.max_new_tokens)
     made_by = ModelMeta.read(folder)
-    details = _outputs(layout, dataset, fold, name, test, scored.predictions, labels, params.seed, {
+    details = _details(name, dataset, fold, test, scored.predictions, labels, params.seed, {
         "method": made_by.method, "seed": made_by.seed, "parameters": count_parameters(model),
         "scoring": SCORING[p.scoring], "model_weights": made_by.weights,
         # real checkpoints behind the model: the teacher's, or the student's LLM and its teacher's
         "checkpoints": {k: getattr(made_by, k) for k in ("checkpoint", "student_llm", "teacher") if getattr(made_by, k)},
         "trained_with": made_by.versions, "versions": environment(device),
         "params": {"evaluate": params.section("evaluate")},
-    }, scored)
+    })
+    write_json(layout.metrics(dataset, fold, name), {"test": headline(details)})
+    write_json(layout.details(dataset, fold, name), details)
+    _write_predictions(layout.predictions(dataset, fold, name), test, {"prediction": scored.predictions}, labels,
+                       scored)
     write_json(layout.latency(dataset, fold, name), {"encoder_ms": scored.encoder_ms, "llm_ms": scored.llm_ms,
                                                      "device": str(device), "batch_size": p.batch_size})
     if which == "teacher":
@@ -112,19 +112,26 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
 
 
 def evaluate_references(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> dict:
-    """The shortcut references: clip duration alone, and prosody features, fitted on train, scored on test."""
-    from .references import features_for_files, fit_and_score_references
+    """The shortcut references (`evaluate.references`): clip duration alone, prosody features and, with
+    openSMILE, eGeMAPS; each fitted on train and scored on test. One set of outputs, named `references`."""
+    from .references import (egemaps_features, features_for_files, fit_and_score_egemaps,
+                             fit_and_score_references)
 
+    chosen = params.evaluate.references
     labels = manifest_labels(layout.manifest(dataset))
     manifest = read_manifest(layout.manifest(dataset))
     train, test = select_split(manifest, fold, "train"), select_split(manifest, fold, "test")
+    y_train, y_test = train["label"].tolist(), test["label"].tolist()
     workers = params.preprocess.workers
-    train_x = features_for_files(train["audio_path"].tolist(), workers)
-    test_x = features_for_files(test["audio_path"].tolist(), workers)
-    results = {}
-    for ref in fit_and_score_references(train_x, train["label"].tolist(), test_x, test["label"].tolist(), params.seed):
-        results[ref.name] = _outputs(layout, dataset, fold, ref.name, test, list(ref.y_pred), labels, params.seed,
-                                     {"description": ref.description})
-    if not results:
-        raise PldistillError(f"{dataset} fold {fold}: no reference could be fitted")
+    fitted = fit_and_score_references(features_for_files(train["audio_path"].tolist(), workers), y_train,
+                                      features_for_files(test["audio_path"].tolist(), workers), y_test, params.seed)
+    if "egemaps" in chosen:
+        fitted.append(fit_and_score_egemaps(egemaps_features(train["audio_path"]), y_train,
+                                            egemaps_features(test["audio_path"]), y_test, params.seed))
+    results = {ref.name: _details(ref.name, dataset, fold, test, list(ref.y_pred), labels, params.seed,
+                                  {"description": ref.description}) for ref in fitted if ref.name in chosen}
+    write_json(layout.metrics(dataset, fold, "references"), {name: {"test": headline(r)} for name, r in results.items()})
+    write_json(layout.details(dataset, fold, "references"), results)
+    _write_predictions(layout.predictions(dataset, fold, "references"), test,
+                       {ref.name: ref.y_pred for ref in fitted if ref.name in chosen}, labels)
     return results

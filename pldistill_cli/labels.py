@@ -39,3 +39,7 @@ def label_set(dataset: str) -> tuple[str, ...]:
         return LABEL_SETS[dataset]
     except KeyError:
         raise PldistillError(f"no label set for dataset `{dataset}`; known: {', '.join(LABEL_SETS)}") from None
+
+
+# The paper's headline results (PL-Distill student, Table 1), printed beside the project's for real corpora.
+PAPER_HEADLINES = {"ravdess": ("WA", 92.08), "savee": ("WA", 92.5), "iemocap": ("UA", 83.91)}

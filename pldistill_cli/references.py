@@ -307,6 +307,31 @@ def _logreg(seed: int):
     )
 
 
+def egemaps_features(paths: Sequence[str]) -> np.ndarray:
+    """The 88 eGeMAPS v02 functionals of each file (Eyben et al., 2016), the standard SER baseline's
+    features, computed by openSMILE (the `egemaps` extra; audEERING's research licence: non-commercial)."""
+    try:
+        import opensmile
+    except ImportError:
+        from .errors import PldistillError
+
+        raise PldistillError("params.yaml: evaluate.references lists egemaps, which needs openSMILE: "
+                             "`pip install 'pldistill[egemaps]'` (its licence allows non-commercial use only)") from None
+    smile = opensmile.Smile(feature_set=opensmile.FeatureSet.eGeMAPSv02,
+                            feature_level=opensmile.FeatureLevel.Functionals)
+    return np.stack([smile.process_file(str(p)).to_numpy()[0] for p in paths]).astype(np.float64)
+
+
+def fit_and_score_egemaps(train_features: np.ndarray, train_labels: Sequence[str], test_features: np.ndarray,
+                          test_labels: Sequence[str], seed: int = 42) -> ReferenceResult:
+    """The usual eGeMAPS linear baseline: standardised functionals, balanced logistic regression."""
+    x_train = np.nan_to_num(train_features, nan=0.0, posinf=0.0, neginf=0.0)
+    x_test = np.nan_to_num(test_features, nan=0.0, posinf=0.0, neginf=0.0)
+    predictions = _fit_predict(_logreg(seed), x_train, [str(y) for y in train_labels], x_test)
+    return ReferenceResult(name="egemaps", y_true=[str(y) for y in test_labels], y_pred=predictions,
+                           description="balanced logistic regression on the 88 eGeMAPS v02 functionals (openSMILE)")
+
+
 def fit_and_score_references(
     train_features: np.ndarray,
     train_labels: Sequence[str],

@@ -99,8 +99,15 @@ def test_metrics_files_have_the_expected_keys_and_ranges(run_dir):
         assert sum(map(sum, m["confusion"])) == 16 and m["unmatched"] == 0
         latency = json.loads((folder / f"{model}-latency.json").read_text())
         assert latency["encoder_ms"] > 0 and latency["llm_ms"] > 0
-    for ref in ("duration", "prosody"):
-        assert 0.0 <= json.loads((run_dir / f"metrics/synthetic/fold1/{ref}.json").read_text())["test"]["ua"] <= 1.0
+    references = json.loads((folder / "references.json").read_text())
+    assert set(references) == {"duration", "prosody"} and all(0 <= r["test"]["ua"] <= 1 for r in references.values())
+    predictions = __import__("pandas").read_csv(folder / "teacher-predictions.csv")
+    details = json.loads((folder / "teacher-details.json").read_text())
+    cm = np.array(details["confusion"])  # recomputed from the predictions CSV: WA = trace / n, UA = mean recall
+    assert details["wa"] == pytest.approx((predictions["label"] == predictions["prediction"]).mean())
+    assert details["wa"] == pytest.approx(np.trace(cm) / cm.sum())
+    recalls = [(group["prediction"] == label).mean() for label, group in predictions.groupby("label")]
+    assert details["ua"] == pytest.approx(np.mean(recalls))
     report = (run_dir / "report/report.md").read_text()
     assert "| teacher |" in report and "| student: pl-distill |" in report and "| student: ce |" in report
     assert "reference:" in report

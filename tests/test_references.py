@@ -243,3 +243,45 @@ def test_edge_cases_and_validation():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError):
         fit_and_score_references(bad, ["a", "b"] * 5, x, ["a", "b"] * 5)
+
+
+def _tones(folder, pitches: dict[str, float], n: int = 6):
+    """Clips whose label is carried by pitch: eGeMAPS must find it."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    paths, labels = [], []
+    for label, pitch in pitches.items():
+        for i in range(n):
+            t = np.arange(16000) / 16000
+            wave = 0.3 * np.sin(2 * np.pi * pitch * (1 + 0.02 * rng.standard_normal()) * t)
+            wave += 0.01 * rng.standard_normal(len(t))
+            path = folder / f"{label}{i}.wav"
+            sf.write(path, wave, 16000)
+            paths.append(str(path))
+            labels.append(label)
+    return paths, labels
+
+
+def test_the_egemaps_reference_separates_what_its_features_see(tmp_path):
+    pytest.importorskip("opensmile", reason="the egemaps reference needs openSMILE: pip install 'pldistill[egemaps]'")
+    from pldistill_cli.references import egemaps_features, fit_and_score_egemaps
+
+    paths, labels = _tones(tmp_path, {"low": 120.0, "high": 260.0})
+    x = egemaps_features(paths)
+    assert x.shape == (12, 88) and np.isfinite(x).all()
+    result = fit_and_score_egemaps(x[::2], labels[::2], x[1::2], labels[1::2], seed=0)
+    assert result.name == "egemaps" and result.y_pred == labels[1::2]
+
+
+def test_egemaps_without_opensmile_is_a_one_line_hint(monkeypatch):
+    import builtins
+
+    from pldistill_cli.errors import PldistillError
+    from pldistill_cli.references import egemaps_features
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "opensmile" else real_import(name, *a, **k))
+    with pytest.raises(PldistillError, match=r"pip install 'pldistill\[egemaps\]'.*non-commercial"):
+        egemaps_features(["x.wav"])
