@@ -230,8 +230,10 @@ class TeacherCache:
             raise PldistillError(f"{folder}: the encoder store this cache reads is gone; re-run `pldistill cache-teacher`")
         return EncoderStore(folder, self.projector_weight.shape[1])
 
-    def split(self, name: str, columns: tuple[str, ...] = tuple(CACHE_SCHEMA.names)) -> "CachedTargets":
-        rows = self.index[self.index["split"] == name].reset_index(drop=True)
+    def split(self, name: str | tuple[str, ...], columns: tuple[str, ...] = tuple(CACHE_SCHEMA.names)) -> "CachedTargets":
+        """The rows of one split, or of several (e.g. train + validation for a refit)."""
+        names = (name,) if isinstance(name, str) else name
+        rows = self.index[self.index["split"].isin(names)].reset_index(drop=True)
         return CachedTargets(rows, columns, self.store, int(self.meta.cache["top_k"]))
 
     def table(self, columns: list[str]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ encoder output and training never runs the encoder.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -97,10 +98,42 @@ def build_student(params: Params, processor, teacher_dir, seed: int) -> tuple[to
     return assemble_student(encoder_config, encoder_weights, audio_token, llm, seed).to(dtype), origin
 
 
+@dataclass
+class Student:
+    """A freshly built student and what trains with it (the same weights for the same seed)."""
+
+    model: torch.nn.Module
+    lora: object  # the peft wrapper (LoRA layers live in `model`), kept only to merge them at the end
+    adapter: torch.nn.Module  # FitNets' learned map from student to teacher width (not saved)
+    trained: dict[str, torch.nn.Module]
+    origin: dict
+
+
+def fresh_student(params: Params, processor, teacher_dir, seed: int, cache: TeacherCache, method: Method,
+                  device) -> Student:
+    p = params.distill
+    seed_everything(seed)
+    student, origin = build_student(params, processor, teacher_dir, seed)
+    if p.train_llm == "frozen":
+        student.model.language_model.requires_grad_(False)
+        student.lm_head.requires_grad_(False)
+    if params.model.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = add_lora(student, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_projector) if p.train_llm == "lora" else None
+    cache.check_student_encoder(student.model.audio_tower)  # after every change to what trains
+    adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
+    trained = {"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})}
+    for module in trained.values():
+        module.to(device)
+    return Student(student, lora, adapter, trained, origin)
+
+
 def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), method_name: str | None = None,
             seed: int | None = None) -> ModelMeta:
     """Train the student of one method (default `distill.method`) with one seed (default `seed`) on the
-    fold's cached targets; data-parallel over the processes torchrun or accelerate launch started."""
+    fold's cached targets, keeping the epoch that scores best on validation (with `refit`, then
+    retraining afresh on train + validation for that many epochs); data-parallel over the processes
+    torchrun or accelerate launch started."""
     p = params.distill
     method_name = method_name or p.method
     seed = params.seed if seed is None else seed
@@ -122,68 +155,65 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     train, validation = cache.split("train", columns), cache.split("validation", columns)
     if not len(train) or not len(validation):
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
-
-    seed_everything(seed)
-    student, llm_origin = build_student(params, processor, teacher_dir, seed)
-    if p.train_llm == "frozen":
-        student.model.language_model.requires_grad_(False)
-        student.lm_head.requires_grad_(False)
-    if params.model.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # LoRA layers are injected into `student` in place; the wrapper is kept only to merge them at the end.
-    lora = add_lora(student, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_projector) if p.train_llm == "lora" else None
-    cache.check_student_encoder(student.model.audio_tower)  # after every change to what trains
-    # FitNets' learned adapter maps student projector features to the teacher's width; it trains
-    # with the student and is not part of the saved model.
-    adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
-    trained = {"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})}
-    for module in trained.values():
-        module.to(device)
     teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
                          p.cka_estimator)
     teacher_constants(train, method, teacher, prompt, p.batch_size)
     teacher = teacher.to(device)
-    trainable = sum(x.numel() for x in student.parameters() if x.requires_grad)
-    console.print(f"student ({params.model.preset}, {method_name}): {count_parameters(student):,} parameters "
+    student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
+    trainable = sum(x.numel() for x in student.model.parameters() if x.requires_grad)
+    console.print(f"student ({params.model.preset}, {method_name}): {count_parameters(student.model):,} parameters "
                   f"(shared storage counted once), {trainable:,} trainable; {len(train)} train / "
                   f"{len(validation)} validation cached clips; {processes.num_processes} process(es)")
-
     collate = TargetCollate(prompt)
 
-    def batches(epoch: int):
-        own = shard(train.batches(p.batch_size, seed + epoch), processes, p.grad_accum)
-        return DataLoader(train, batch_sampler=own, collate_fn=collate, num_workers=p.loader_workers,
-                          persistent_workers=False)
+    def batches(rows: CachedTargets):
+        def epoch_batches(epoch: int):
+            own = shard(rows.batches(p.batch_size, seed + epoch), processes, p.grad_accum)
+            return DataLoader(rows, batch_sampler=own, collate_fn=collate, num_workers=p.loader_workers)
+        return epoch_batches
 
-    probe_batch = collate([train[i] for i in train.batches(p.batch_size)[0]])  # the same batch every epoch
-
-    def terms(batch: dict) -> dict[str, torch.Tensor]:
-        with autocast(device):
-            return distillation_terms(student, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l, adapter)
+    def step(s: Student) -> TrainingStep:
+        def terms(batch: dict) -> dict[str, torch.Tensor]:
+            with autocast(device):
+                return distillation_terms(s.model, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l,
+                                          s.adapter)
+        return TrainingStep(s.trained, terms)
 
     truth = validation.rows["label"].tolist()
 
     def validate() -> float:
-        predict = lambda rows: predict_cached(student, prompt, validation, rows, p.batch_size, device)  # noqa: E731
+        predict = lambda rows: predict_cached(student.model, prompt, validation, rows, p.batch_size, device)  # noqa: E731
         return classification_metrics(truth, sharded_predictions(len(truth), predict, processes), labels)["ua"]
 
+    probe_batch = collate([train[i] for i in train.batches(p.batch_size)[0]])  # the same batch every epoch
     made_by = ModelMeta(
         "distill", dataset, fold, labels, prompt.text, params.model.preset, seed,
         {"distill": params.section("distill"), "model": params.section("model"), "preprocess": preprocessing(params)},
         environment(device), method=method_name,
-        student_llm=llm_origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
+        student_llm=student.origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
     work = layout.work(dataset, fold, name)
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
-    result = train_with_validation(TrainingStep(trained, terms), batches, validate, settings, len(batches(0)), work,
-                                   fingerprint(dataclasses.asdict(made_by)), f"distill {name} {dataset} fold {fold}",
-                                   lambda: probe(student, probe_batch, method, teacher, p, adapter, device))
+    run_id = fingerprint(dataclasses.asdict(made_by))
+    result = train_with_validation(step(student), batches(train), validate, settings, len(batches(train)(0)), work,
+                                   run_id, f"distill {name} {dataset} fold {fold}",
+                                   lambda: probe(student.model, probe_batch, method, teacher, p, student.adapter, device))
+    refit = None
+    if p.refit:  # the chosen epoch count, from the same start, on train + validation
+        everything = cache.split(("train", "validation"), columns)
+        teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size)
+        student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
+        again = dataclasses.replace(settings, epochs=result.best_epoch, patience=0)
+        train_with_validation(step(student), batches(everything), None, again, len(batches(everything)(0)),
+                              work / "refit", run_id, f"refit {name} {dataset} fold {fold} on train + validation")
+        refit = {"epochs": result.best_epoch, "clips": len(everything)}
     summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
-                                  history=tuple(result.history))
+                                  history=tuple(result.history), refit=refit)
     if processes.is_main_process:
-        if lora is not None:
-            lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model
-        save_model(student, processor, layout.student(dataset, fold, name), summary)
+        if student.lora is not None:
+            student.lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model
+        save_model(student.model, processor, layout.student(dataset, fold, name), summary)
         finish_work(work)
     processes.wait_for_everyone()
-    console.print(f"{name}: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")
+    console.print(f"{name}: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}"
+                  + (" (refit on train + validation)" if p.refit else ""))
     return summary

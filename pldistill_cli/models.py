@@ -261,6 +261,7 @@ class ModelMeta:
     cache: Optional[dict[str, Any]] = None  # a student's cache: its CacheMeta
     best_epoch: Optional[int] = None
     validation_ua: Optional[float] = None
+    refit: Optional[dict[str, int]] = None  # retrained afresh after selection: {"epochs": best_epoch, "clips": train + validation}
     history: tuple[dict[str, float], ...] = ()  # per epoch: mean loss terms, validation UA, diagnostics
     test_metrics: Optional[dict[str, Any]] = None  # export: the test scores of the exported run
     weights: Optional[str] = None  # hash of the weights, set when saved

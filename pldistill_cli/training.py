@@ -131,7 +131,7 @@ class TrainingStep(torch.nn.Module):
 def train_with_validation(
     model: TrainingStep,
     batches: Callable[[int], Iterable],
-    validate: Callable[[], float],
+    validate: Callable[[], float] | None,
     settings: LoopSettings,
     steps_per_epoch: int,
     work_dir: Path,
@@ -143,7 +143,7 @@ def train_with_validation(
 
     `batches(epoch)` yields this process's batches of the epoch (whole accumulation groups: see
     shard), `model(batch)` returns the loss terms with the total under "loss", `validate()` scores
-    the model (higher is better; every process gets the same score). `diagnose()`, if given, adds
+    the model (higher is better; every process gets the same score; None: keep the last epoch). `diagnose()`, if given, adds
     its numbers to the history before training (epoch 0) and after every epoch. Training stops early
     after `patience` epochs without improvement. With several processes the model trains data-
     parallel (accelerate's DDP; the main process writes the state). State is saved after every epoch
@@ -199,7 +199,7 @@ def train_with_validation(
                 info = " ".join(f"{k} {v / n:.3f}" for k, v in totals.items())
                 bar.advance(1, info=f"epoch {epoch + 1} {info}")
             model.eval()
-            score = validate()
+            score = validate() if validate is not None else float(epoch)  # no validation: keep the last
             record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in totals.items()}, "validation_ua": score,
                       "updates": steps, **(diagnose() if diagnose is not None else {})}
             result.history.append(record)

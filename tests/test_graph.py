@@ -124,7 +124,7 @@ def test_dvc_repro_runs_a_real_corpus_layout_to_the_report(repo):
     summary = json.loads((repo / "data/prepared/ravdess/summary.json").read_text())
     assert summary["utterances"] == 24 and summary["left_out"] == {"video (modality 01/02)": 1}
     report = (repo / "report/report.md").read_text()
-    assert "| teacher |" in report and "student: pl-distill" in report
+    assert "| teacher |" in report and "| pl-distill |" in report and "WA 92.08" in report  # the paper's figure
     metrics = json.loads((repo / "metrics/ravdess/fold1/student-pl-distill-s7.json").read_text())
     assert set(metrics["test"]) == {"wa", "ua", "macro_f1"}
     assert stages_to_run(repo) == set()  # a second `dvc repro` would do nothing

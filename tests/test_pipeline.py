@@ -109,7 +109,9 @@ def test_metrics_files_have_the_expected_keys_and_ranges(run_dir):
     recalls = [(group["prediction"] == label).mean() for label, group in predictions.groupby("label")]
     assert details["ua"] == pytest.approx(np.mean(recalls))
     report = (run_dir / "report/report.md").read_text()
-    assert "| teacher |" in report and "| student: pl-distill |" in report and "| student: ce |" in report
+    for section in ("| teacher |", "| pl-distill |", "| ce |", "| reference: prosody |", "### UA per fold",
+                    "### Paired comparison with `ce`", "### Are the distillation terms alive?"):
+        assert section in report, section
     assert "reference:" in report
     pictures = re.findall(r"!\[.*\]\((.*)\)", report)
     assert len(pictures) == 6 and all((run_dir / "report" / p).stat().st_size > 5_000 for p in pictures)
@@ -369,3 +371,24 @@ def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, t
                 terms[name] = distillation_terms(student, batch, METHODS[method], teacher, 1.0, 1.0)
         assert terms["linear"]["cka"] > 0
         torch.testing.assert_close(terms["gram"]["cka"], terms["linear"]["cka"], rtol=0, atol=1e-5)
+
+
+def test_refit_retrains_afresh_on_train_and_validation_for_the_chosen_epochs(run_dir, monkeypatch):
+    import dataclasses
+
+    import torch
+    from transformers import Qwen2AudioForConditionalGeneration
+
+    from pldistill_cli.config import load_params
+    from pldistill_cli.distill import distill
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    folder = run_dir / "data/runs/synthetic/fold1/student-ce-s21"
+    selected = distill("synthetic", 1, params, method_name="ce", seed=21)
+    chosen = Qwen2AudioForConditionalGeneration.from_pretrained(folder).lm_head.weight.detach().clone()
+    refit = distill("synthetic", 1, dataclasses.replace(params, distill=dataclasses.replace(params.distill, refit=True)),
+                    method_name="ce", seed=21)
+    assert selected.refit is None and refit.best_epoch == selected.best_epoch  # the same selection run
+    assert refit.refit == {"epochs": selected.best_epoch, "clips": 32}  # 16 train + 16 validation clips
+    assert not torch.equal(Qwen2AudioForConditionalGeneration.from_pretrained(folder).lm_head.weight, chosen)
