@@ -7,8 +7,11 @@ well under a second, as one `error:` line (exit 1; usage errors exit 2)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import time
+from importlib import import_module
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -37,6 +40,7 @@ DEVICE = typer.Option(None, "--device", help="Overrides the stage's `device` in 
 METHOD = typer.Option(None, "--method", help="Distillation method (default: distill.method in params.yaml).")
 SEED = typer.Option(None, "--seed", min=0, help="Student seed (default: seed in params.yaml).")
 _interrupted = "nothing was kept; re-run the same command"  # what Ctrl-C reports; stages that resume set it
+_timings: dict = {}  # where a stage's time went (PLDISTILL_TIMINGS=FILE appends it there as a JSON line)
 
 
 def _version(value: bool) -> None:
@@ -84,6 +88,9 @@ def _run(stage: str, values: dict, params: Path, call: Callable[[Params], object
         from .manifest import check_fold
 
         check_fold(Layout().manifest(values["dataset"]), values["fold"])
+    began = time.perf_counter()
+    import_module(f".{STAGES[stage].module}", __package__)  # torch, transformers: after the cheap checks
+    _timings.update(stage=stage, startup=time.perf_counter() - began, started=began)
     if "cpu_threads" in {k.split(".")[0] for k in STAGES[stage].params}:
         import torch
 
@@ -317,7 +324,21 @@ def main() -> None:
         code = 130
     if code == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
         console.print(f"[yellow]interrupted[/]: {_interrupted}", highlight=False, soft_wrap=True)
+    _record_timings()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _record_timings() -> None:
+    """With PLDISTILL_TIMINGS=FILE, append the stage's wall time, its startup (imports) and the time under
+    each kind of progress bar to FILE (the benchmark's stage table; never inside an output)."""
+    target = os.environ.get("PLDISTILL_TIMINGS")
+    if target and _timings:
+        from .ui import TIMINGS
+
+        record = {"command": " ".join(sys.argv[1:]), "stage": _timings["stage"], "startup": _timings["startup"],
+                  "work": time.perf_counter() - _timings["started"] - _timings["startup"], "phases": TIMINGS}
+        with open(target, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

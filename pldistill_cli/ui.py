@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -11,6 +12,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 console = Console(stderr=True)
 _active: Progress | None = None  # rich allows one live display: nested bars join it
+# seconds spent under each kind of progress bar (its description's first word: train, validate, ...),
+# for the benchmark's stage-time table (`PLDISTILL_TIMINGS`); nested bars count in both
+TIMINGS: dict[str, float] = {}
+
+
+@contextmanager
+def _timed(description: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = description.split()[0]
+        TIMINGS[key] = TIMINGS.get(key, 0.0) + time.perf_counter() - start
 
 
 class Bar:
@@ -33,7 +47,8 @@ def progress(description: str, total: int | None) -> Iterator[Bar]:
     if _active is not None:
         task = _active.add_task(description, total=total, info="")
         try:
-            yield Bar(_active, task)
+            with _timed(description):
+                yield Bar(_active, task)
         finally:
             _active.remove_task(task)
         return
@@ -46,7 +61,7 @@ def progress(description: str, total: int | None) -> Iterator[Bar]:
         TextColumn("{task.fields[info]}"),
     )
     # Under torchrun / accelerate launch only the first process draws bars (one display, not N).
-    with Progress(*columns, console=console, disable=os.environ.get("RANK", "0") != "0") as live:
+    with Progress(*columns, console=console, disable=os.environ.get("RANK", "0") != "0") as live, _timed(description):
         _active = live
         try:
             yield Bar(live, live.add_task(description, total=total, info=""))

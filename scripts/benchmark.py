@@ -1,67 +1,106 @@
-"""Distillation speed and cache size, measured side by side in one run, on the `small` preset (the
-real 30 s encoder window, the paper's parameter proportions, random weights).
+"""Regenerate BENCHMARKS.md: every figure a ratio or time measured side by side in this one run.
 
-Per clip length it prints the ratios the cache is for:
-  online / cached      a distill step with the teacher run online vs the same step from cached targets
-  KD overhead          a pl-distill step vs a CE-only step, both on cached encoder output
-  cached / encoder     a pl-distill step on cached encoder output vs a CE step that runs the encoder
-  cache / naive        cache bytes per second of audio vs fp32 teacher features + dense logits everywhere
-  PDist / fp16         bytes of the PDist targets (encoder output) vs fp16 teacher projector features
-  cache / bare         cache-teacher wall time vs bare teacher forward passes over the same clips
-Cache bytes are the encoder store's row (once per corpus) plus the fold's target row.
+1. Distillation speed and cache size on the `small` preset (the real 30 s encoder window, the paper's
+   proportions, random weights), per clip length:
+     online / cached   a pl-distill step with the teacher run online vs the same step from the cache
+     KD overhead       a pl-distill step vs a CE-only step, both from the cache (the teacher's
+                       constants of the clip precomputed, as distill does)
+     cached / encoder  a pl-distill step from the cache vs a CE step that runs the frozen encoder
+     cache / naive     cache bytes vs fp32 teacher features + dense logits at every position
+     PDist / fp16      PDist target bytes vs fp16 teacher projector features
+     cache / bare      cache-teacher's work per batch vs bare teacher forward passes
+   Each ratio times its two sides alternately (A, B, A, B, ...) after a warm-up, adding pairs until the
+   ratio of the first half of the pairs and of the second half agree within 3%, and prints the median
+   and the min of each side.
+2. The default pipeline's stage times: a fresh `dvc repro` of this repository's dvc.yaml and
+   params.yaml in a scratch copy, with where each stage's time goes (startup imports, and the time
+   under each kind of progress bar: train, validate, cache, distill, evaluate, ...).
+3. The bucketed-vs-full KL gap as k varies, on that run's trained teacher and `ce` student.
 
-Then, when the default pipeline has run (`dvc repro`: a trained tiny teacher and `ce` student),
-the gap between the bucketed KL (top-k + tail) and the full KL as k varies, on their logits over
-training clips.
-
-Usage: python scripts/benchmark.py [--lengths 3 10 30] [--batch 2] [--repeats 3] [--device auto]
+Usage: python scripts/benchmark.py [--lengths 3 10 30] [--batch 2] [--skip-pipeline] [--out BENCHMARKS.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pldistill_cli.cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
 from pldistill_cli.data import text_batch
-from pldistill_cli.methods import METHODS, TargetCollate, distillation_terms
-from pldistill_cli.prompt import PromptLayout
-from pldistill_cli.forward import (audio_features, encode_audio, forward_from_encoder,
-                                   forward_with_audio_attention)
+from pldistill_cli.forward import audio_features, encode_audio, forward_from_encoder, forward_with_audio_attention
 from pldistill_cli.labels import label_set
 from pldistill_cli.layout import Layout, student_name
 from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
-from pldistill_cli.models import (assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
-                                  load_model)
-from pldistill_cli.cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
+from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
+from pldistill_cli.models import assemble_student, build_student_llm, build_teacher, count_parameters, get_preset, load_model
+from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.training import autocast, resolve_device
 
+ROOT = Path(__file__).resolve().parents[1]
 TOP_K, TEMPERATURE = 16, 2.0
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
+@dataclass
+class Pair:
+    """Side-by-side timings of two steps: medians and minima in seconds, and how many pairs it took."""
+
+    a: list[float]
+    b: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.a) / statistics.median(self.b)
+
+    @property
+    def ratio_min(self) -> float:
+        return min(self.a) / min(self.b)
+
+    def cell(self, digits: int = 2) -> str:
+        return f"{self.ratio:.{digits}f}x (min {self.ratio_min:.{digits}f}x)"
+
+
+def _time(fn, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+    return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=float, nargs="+", default=[3, 10, 30])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
-    device = resolve_device(args.device)
+def compare(a, b, device, least: int = 8, most: int = 120, agree: float = 0.03) -> Pair:
+    """Time a and b alternately after a warm-up of each, until the ratio of the first and of the second
+    half of the pairs agree within `agree` (at least `least`, at most `most` pairs)."""
+    a(), b()
+    pair = Pair([], [])
+    while True:
+        pair.a.append(_time(a, device))
+        pair.b.append(_time(b, device))
+        n = len(pair.a)
+        if n >= least and n % 2 == 0:
+            h = n // 2
+            first = statistics.median(pair.a[:h]) / statistics.median(pair.b[:h])
+            second = statistics.median(pair.a[h:]) / statistics.median(pair.b[h:])
+            if abs(first / second - 1) <= agree or n >= most:
+                return pair
+
+
+def ratios(lengths: list[float], batch_size: int, device) -> tuple[list[str], list[tuple], str]:
     torch.manual_seed(0)
     preset = get_preset("small")
     teacher, processor = build_teacher(preset, 0)
@@ -71,53 +110,55 @@ def main() -> None:
                                build_student_llm(preset, len(processor.tokenizer), 0), 0).to(device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
-    weight = teacher.model.multi_modal_projector.linear.weight.detach().float()
-    bias = teacher.model.multi_modal_projector.linear.bias.detach().float()
-    vocab = teacher.config.text_config.vocab_size
-    print(f"small preset on {device}: teacher {count_parameters(teacher):,} / student {count_parameters(student):,} "
-          f"parameters (encoder {count_parameters(student.model.audio_tower):,}); batch {args.batch}, "
-          f"{args.repeats} repeats, torch threads {torch.get_num_threads()}")
-
-    header = ("clip s", "online/cached", "KD overhead", "cached/encoder", "cache/naive", "PDist/fp16",
-              "cache/bare", "store B per audio s", "targets B per audio s")
+    projector = teacher.model.multi_modal_projector.linear
+    cached_teacher = Teacher.of(projector.weight.detach().float().cpu(), projector.bias.detach().float().cpu(),
+                                TEMPERATURE)
+    targets_teacher = cached_teacher.to(device)
+    about = (f"`small` preset on {device} ({torch.get_num_threads()} threads): teacher {count_parameters(teacher):,} / "
+             f"student {count_parameters(student):,} parameters (encoder {count_parameters(student.model.audio_tower):,}); "
+             f"batch {batch_size}; vocabulary {teacher.config.text_config.vocab_size} (the tiny offline tokenizer)")
+    print(about, flush=True)
+    header = ["clip s", "online / cached", "KD overhead", "cached / encoder", "cache / naive", "PDist / fp16",
+              "cache / bare", "steps (ms): pl-distill, CE, online", "store B per audio s", "targets B per audio s"]
     rows = []
     rng = np.random.default_rng(0)
-    for seconds in args.lengths:
-        waves = [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(args.batch)]
-        labels = ["Happy", "Sad"] * args.batch
-        features, mask = audio_features(processor, waves)
-        features, mask = features.to(device), mask.to(device)
+    for seconds in lengths:
+        waves = [(0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32) for _ in range(batch_size)]
+        labels = ["Happy", "Sad"] * batch_size
+        features, mask = (t.to(device) for t in audio_features(processor, waves))
 
         def teacher_targets():
             with torch.no_grad(), autocast(device):
-                encoded, lengths = encode_audio(teacher, features, mask)
-                text = text_batch(prompt, lengths.tolist(), labels[: args.batch]).to(device)
-                logits, w = forward_with_audio_attention(teacher, prompt, encoded, lengths, text.input_ids,
+                encoded, lengths_ = encode_audio(teacher, features, mask)
+                text = text_batch(prompt, lengths_.tolist(), labels[:batch_size]).to(device)
+                logits, w = forward_with_audio_attention(teacher, prompt, encoded, lengths_, text.input_ids,
                                                          text.attention_mask, -1)
                 ids, lps = topk_logprobs(logits[:, :-1], TOP_K, TEMPERATURE)
-            return encoded, lengths, text, logits, w, ids, lps
+            return encoded, lengths_, text, logits, w, ids, lps
 
-        encoded, lengths, text, logits, w, ids, lps = teacher_targets()
+        encoded, lengths_, text, logits, w, ids, lps = teacher_targets()
         items = []
-        for i in range(args.batch):
-            t, s = int(lengths[i]), int(text.attention_mask[i].sum())
+        for i in range(batch_size):
+            t, s = int(lengths_[i]), int(text.attention_mask[i].sum())
             items.append({"index": i, "label": labels[i], "input_ids": text.input_ids[i, :s].cpu(),
                           "encoded": encoded[i, :t].float().cpu(), "attention": w[i].cpu(),
                           "topk_ids": ids[i, : s - 1].cpu(), "topk_logprobs": lps[i, : s - 1].cpu()})
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in TargetCollate(prompt)(items).items()}
+        batch = TargetCollate(prompt)(items)
+        batch["teacher_norm"] = cached_teacher.norms(METHODS["pl-distill"], batch)  # once per clip, as distill does
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
         def step(method, targets):
             with autocast(device):
-                loss = distillation_terms(student, targets, METHODS[method], weight, bias, 1.0, 1.0, TEMPERATURE)["loss"]
+                loss = distillation_terms(student, targets, METHODS[method], targets_teacher, 1.0, 1.0)["loss"]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         def online_step():  # the teacher runs inside every step
-            enc, lens, txt, _, w_, ids_, lps_ = teacher_targets()
+            enc, _, _, _, w_, ids_, lps_ = teacher_targets()
             attention = torch.stack([torch.nn.functional.pad(x, (0, enc.shape[1] - len(x))) for x in w_])
-            online = dict(batch, encoded=enc.float(), attention=attention, topk_ids=ids_, topk_logprobs=lps_)
-            step("pl-distill", online)
+            online = {k: v for k, v in batch.items() if k != "teacher_norm"}
+            step("pl-distill", dict(online, encoded=enc.float(), attention=attention, topk_ids=ids_, topk_logprobs=lps_))
 
         def encoder_ce_step():  # plain CE fine-tuning that runs the (frozen) encoder
             with autocast(device):
@@ -136,7 +177,7 @@ def main() -> None:
         def cache_rows():  # what cache-teacher does per batch, Parquet writes included: (store, target) bytes
             enc, lens, txt, _, w_, ids_, lps_ = teacher_targets()
             encoder_rows, target_rows = [], []
-            for i in range(args.batch):
+            for i in range(batch_size):
                 t, s = int(lens[i]), int(txt.attention_mask[i].sum())
                 encoder_rows.append({"id": str(i), "n_audio": t, "encoder_out": enc[i, :t].float().flatten().cpu().numpy()})
                 target_rows.append({"id": str(i), "label": labels[i], "split": "train", "n_audio": t,
@@ -151,60 +192,67 @@ def main() -> None:
                 sizes.append(buffer.getbuffer().nbytes)
             return sizes
 
-        t_cached = timed(lambda: step("pl-distill", batch), device, args.repeats)
-        t_ce = timed(lambda: step("ce", batch), device, args.repeats)
-        t_online = timed(online_step, device, args.repeats)
-        t_encoder = timed(encoder_ce_step, device, args.repeats)
-        t_bare = timed(bare_teacher, device, args.repeats)
-        t_cache = timed(cache_rows, device, args.repeats)
+        overhead = compare(lambda: step("pl-distill", batch), lambda: step("ce", batch), device)
+        online = compare(online_step, lambda: step("pl-distill", batch), device, least=4)
+        encoder = compare(lambda: step("pl-distill", batch), encoder_ce_step, device, least=4)
+        cache_vs_bare = compare(cache_rows, bare_teacher, device, least=4)
         store_bytes, target_bytes = cache_rows()
-        cache_bytes = store_bytes + target_bytes
-
         naive = io.BytesIO()  # fp32 teacher projector features + dense full-vocabulary logits at every position
-        for i in range(args.batch):
-            t, s = int(lengths[i]), int(text.attention_mask[i].sum())
-            np.save(naive, (encoded[i, :t].float() @ weight.T + bias).cpu().numpy())
+        for i in range(batch_size):
+            t, s = int(lengths_[i]), int(text.attention_mask[i].sum())
+            np.save(naive, cached_teacher.features(encoded[i, :t].cpu()).numpy())
             np.save(naive, logits[i, : s - 1].float().cpu().numpy())
-        pdist = sum(int(l) * encoded.shape[-1] * 4 for l in lengths)  # fp32 encoder output (+ W, b once)
-        fp16_teacher = sum(int(l) * weight.shape[0] * 2 for l in lengths)
-        audio_seconds = seconds * args.batch
-        rows.append((f"{seconds:g}", f"{t_online / t_cached:.1f}x", f"{t_cached / t_ce:.2f}x",
-                     f"{t_cached / t_encoder:.2f}x", f"{cache_bytes / naive.getbuffer().nbytes:.4f}x",
-                     f"{pdist / fp16_teacher:.2f}x", f"{t_cache / t_bare:.2f}x",
-                     f"{store_bytes / audio_seconds:,.0f}", f"{target_bytes / audio_seconds:,.0f}"))
-        print(f"  {seconds:g} s: cached step {t_cached * 1e3:.0f} ms, CE step {t_ce * 1e3:.0f} ms, online step "
-              f"{t_online * 1e3:.0f} ms, encoder CE step {t_encoder * 1e3:.0f} ms, bare teacher {t_bare * 1e3:.0f} ms, "
-              f"cache-teacher {t_cache * 1e3:.0f} ms; vocab {vocab}", flush=True)
-
-    print_table(header, rows)
-    kl_gap(device)
+        pdist = sum(int(l) * encoded.shape[-1] * 4 for l in lengths_)  # fp32 encoder output (+ W, b once)
+        fp16_teacher = sum(int(l) * projector.weight.shape[0] * 2 for l in lengths_)
+        audio = seconds * batch_size
+        ms = lambda xs: f"{statistics.median(xs) * 1e3:.0f}"  # noqa: E731
+        rows.append((f"{seconds:g}", online.cell(1), overhead.cell(), encoder.cell(),
+                     f"{(store_bytes + target_bytes) / naive.getbuffer().nbytes:.4f}x", f"{pdist / fp16_teacher:.2f}x",
+                     cache_vs_bare.cell(), f"{ms(overhead.a)}, {ms(overhead.b)}, {ms(online.a)}",
+                     f"{store_bytes / audio:,.0f}", f"{target_bytes / audio:,.0f}"))
+        print(f"  {seconds:g} s: KD overhead {overhead.cell()} over {len(overhead.a)} pairs; online/cached "
+              f"{online.cell(1)}", flush=True)
+    return header, rows, about
 
 
-def print_table(header, rows) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("\n| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+def pipeline_stages(workdir: Path) -> tuple[list[tuple], float, Path]:
+    """A fresh `dvc repro` of the default in a scratch copy; per stage: wall time, startup, phases."""
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, workdir)
+    env = {**os.environ, "PLDISTILL_TIMINGS": str(workdir / "timings.jsonl"), "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=workdir, check=True, env=env)
+    shutil.copytree(ROOT / ".dvc" / "plots", workdir / ".dvc" / "plots", dirs_exist_ok=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workdir, check=True, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    total = time.perf_counter() - start
+    rows = []
+    for line in (workdir / "timings.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        wall = r["startup"] + r["work"]
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]) if v >= 0.5)
+        rows.append((r["command"], f"{wall:.0f}", f"{r['startup']:.0f}", phases or "-"))
+    return rows, total, workdir
 
 
 @torch.no_grad()
-def kl_gap(device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -> None:
-    """Bucketed KL (teacher top-k + tail) vs the full KL, as k varies, on the default pipeline's trained
-    tiny teacher and `ce` student over training clips (every LDist position)."""
+def kl_gap(workdir: Path, device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -> tuple[list[tuple], str]:
+    """Bucketed KL (teacher top-k + tail) vs the full KL, as k varies, on the pipeline's trained teacher and
+    `ce` student over training clips (every LDist position)."""
+    from pldistill_cli.config import load_params
     from pldistill_cli.data import AudioClips, AudioCollate
     from pldistill_cli.manifest import manifest_labels, read_manifest, select_split
 
-    layout = Layout()
-    teacher_dir, student_dir = layout.teacher(dataset, fold), layout.student(dataset, fold, student_name("ce", 42))
-    if not (teacher_dir.exists() and student_dir.exists()):
-        print(f"\nKL gap: skipped ({teacher_dir} or {student_dir} missing; run `dvc repro` first)")
-        return
-    teacher, processor = load_model(teacher_dir, device)
-    student, _ = load_model(student_dir, device)
+    params = load_params(workdir / "params.yaml")
+    layout = Layout(data=workdir / "data")
+    teacher, processor = load_model(layout.teacher(dataset, fold), device)
+    student, _ = load_model(layout.student(dataset, fold, student_name("ce", params.seeds[0])), device)
     labels = manifest_labels(layout.manifest(dataset))
     rows = select_split(read_manifest(layout.manifest(dataset)), fold, "train").head(clips)
-    batch = AudioCollate(processor)([AudioClips(rows)[i] for i in range(len(rows))])
+    clips_ = AudioClips(rows, processor.feature_extractor.sampling_rate)
+    batch = AudioCollate(processor)([clips_[i] for i in range(len(rows))])
     prompt = PromptLayout.from_processor(processor, labels)
     encoded, lengths = encode_audio(teacher, batch.features.to(device), batch.feature_mask.to(device))
     text = text_batch(prompt, lengths.tolist(), rows["label"].tolist()).to(device)
@@ -218,9 +266,63 @@ def kl_gap(device, dataset: str = "synthetic", fold: int = 1, clips: int = 32) -
         bucketed = bucketed_kl(s_logits[:, :-1], *topk_logprobs(t_logits[:, :-1], k, TEMPERATURE), mask,
                                TEMPERATURE).mean()
         table.append((str(k), f"{float(bucketed):.4f}", f"{float(full):.4f}", f"{float(bucketed / full):.3f}"))
-    print(f"\nKL gap on {len(rows)} training clips ({int(mask.sum())} positions), trained tiny teacher vs ce "
-          f"student, T = {TEMPERATURE}, vocabulary {vocab}:")
-    print_table(("k", "bucketed KL", "full KL", "bucketed / full"), table)
+    return table, (f"{len(rows)} training clips ({int(mask.sum())} positions), the trained tiny teacher vs the `ce` "
+                   f"student of the run above, T = {TEMPERATURE}, vocabulary {vocab}")
+
+
+def markdown(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=float, nargs="+", default=[3, 10, 30])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-pipeline", action="store_true", help="only the ratios (no dvc repro, no KL table)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    torch.set_num_threads(os.cpu_count() or 1)
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, torch "
+               f"{torch.__version__}, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU fp32'}")
+    header, rows, about = ratios(args.lengths, args.batch, device)
+    md = ["# Benchmarks", "",
+          f"Regenerated by `python scripts/benchmark.py` on {time.strftime('%Y-%m-%d')} ({machine}). Every figure is "
+          "a ratio or time measured side by side in that one run: each ratio times its two sides alternately after "
+          "a warm-up, adding pairs until the ratios of the first and second halves agree within 3%; it shows the "
+          "ratio of the medians and, in brackets, of the minima.", "",
+          "## Distillation speed and cache size", "", about, "", *markdown(header, rows), "",
+          "- **KD overhead** (target at most 1.05x): a pl-distill step (CE + AW-CKA + bucketed KL at every position) "
+          "over a CE-only step, both from the cache. The teacher's side of AW-CKA is a constant of the clip: the "
+          "step computes AW-CKA in encoder space (never forming the teacher's projector output) against a teacher "
+          "normaliser computed once per clip before training, so what remains is the student's side.",
+          "- **online / cached** (target at least 5x): what the cache saves; bounded by the student's own step "
+          "(its LLM over 30 s of audio tokens is most of a cached step at 30 s).",
+          "- **cached / encoder**: a cached step against a CE step that runs the frozen encoder (the encoder "
+          "dominates short clips).",
+          "- **cache / naive**, **PDist / fp16**: bytes; at Qwen's 151,936-id vocabulary the naive cache's dense "
+          "logits would be about 400 times larger, the ratio that much smaller. **cache / bare**: cache-teacher's "
+          "work per batch (attention capture, top-k, Parquet) over bare teacher forward passes.", ""]
+    if not args.skip_pipeline:
+        with tempfile.TemporaryDirectory() as scratch:
+            stages, total, workdir = pipeline_stages(Path(scratch))
+            table, about_kl = kl_gap(workdir, device)
+        md += ["## The default pipeline", "",
+               f"A fresh `dvc repro` of the committed dvc.yaml and params.yaml took **{total / 60:.1f} min** "
+               "(target: at most 5). Per stage: wall time, the startup share (importing torch, transformers and "
+               "the stage), and the time under each kind of progress bar (nested bars count in both: validation "
+               "runs inside training).", "",
+               *markdown(("stage", "wall s", "startup s", "where it goes"), stages), "",
+               "## Bucketed vs full KL as k varies", "", about_kl + ". The bucketed KL is a lower bound of the full KL; "
+               "the cache's value equals the bucketed estimator computed from dense logits (tests).", "",
+               *markdown(("k", "bucketed KL", "full KL", "bucketed / full"), table), ""]
+    md += ["Figures that hold only for this machine: every time and ratio above (a GPU changes the balance between "
+           "the encoder, the LLM and the losses; `bash scripts/gpu_check.sh` is the prepared GPU measurement). Byte "
+           "ratios and the KL table do not depend on the machine.", ""]
+    args.out.write_text("\n".join(md))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -125,12 +125,15 @@ def test_the_cache_feeds_a_smaller_student_vocabulary(hub_run):
     import pyarrow.parquet as pq
 
     params, layout = hub_run
-    top_ids = pq.read_table(sorted(layout.cache("synthetic", 1).glob("part-*.parquet"))[0], columns=["topk_ids"])
-    assert max(max(r) for r in top_ids.column("topk_ids").to_pylist()) < TEACHER_VOCAB
+    ids = [i for part in sorted(layout.cache("synthetic", 1).glob("part-*.parquet"))
+           for row in pq.read_table(part, columns=["topk_ids"]).column("topk_ids").to_pylist() for i in row]
+    # the teacher's top-k reaches ids the student has no row for: the KL's drop-and-renormalise path runs
+    assert STUDENT_VOCAB <= max(ids) < TEACHER_VOCAB
     result = evaluate_model("synthetic", 1, "student", params, layout, "pl-distill")
     assert result["parameters"] > 0 and 0 <= result["ua"] <= 1
     made = json.loads((layout.student("synthetic", 1, "student-pl-distill-s42") / "pldistill.json").read_text())
-    assert all(h["kl"] >= 0 for h in made["history"])
+    kl = [h["kl"] for h in made["history"] if "kl" in h]
+    assert kl and all(0 < k < float("inf") for k in kl)
 
 
 def test_every_output_records_the_checkpoint_revisions(hub_run, checkpoints):

@@ -190,3 +190,29 @@ def test_lora_reaches_every_llm_projection_and_never_the_encoder(tiny_teacher, p
     else:
         assert len(on_projector) == 2 and all("lora_" in n for n in on_projector)
     assert len(trainable) == layers * 7 * 2 + 2
+
+
+def test_a_merged_lora_student_scores_after_reloading_as_it_did_in_memory(tiny_teacher, tmp_path):
+    from pldistill_cli.labels import label_set
+    from pldistill_cli.models import add_lora
+
+    teacher, processor = tiny_teacher
+    student = assemble_student(teacher.config.audio_config, teacher.model.audio_tower.state_dict(),
+                               teacher.config.audio_token_index,
+                               build_student_llm(get_preset("tiny"), len(processor.tokenizer), 1), 1)
+    lora = add_lora(student, 4, 16, 0.0)
+    with torch.no_grad():  # stand-in for training: move every LoRA B matrix off zero
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    encoded = torch.randn(2, 6, teacher.config.audio_config.d_model, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([6, 4])
+    student.eval()
+    with torch.no_grad():
+        in_memory = score_labels(student, prompt, encoded, lengths)
+    lora.merge_and_unload()
+    save_model(student, processor, tmp_path / "student", META)
+    reloaded, _ = load_model(tmp_path / "student")
+    with torch.no_grad():
+        torch.testing.assert_close(score_labels(reloaded, prompt, encoded, lengths), in_memory, rtol=1e-5, atol=1e-5)

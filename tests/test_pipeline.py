@@ -203,9 +203,12 @@ def test_generation_scoring_counts_unmatched_answers(run_dir, monkeypatch):
 
     params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, scoring="generate"))
     result = evaluate_model("synthetic", 1, "teacher", params)
-    predictions = __import__("pandas").read_csv(run_dir / "metrics/synthetic/fold1/teacher-predictions.csv")
+    predictions = __import__("pandas").read_csv(run_dir / "metrics/synthetic/fold1/teacher-predictions.csv",
+                                                keep_default_na=False)
     assert "answer" in predictions and result["unmatched"] == int((predictions["prediction"] == UNMATCHED).sum())
-    assert set(predictions["prediction"]) <= set(result["labels"]) | {UNMATCHED}
+    for answer, prediction in zip(predictions["answer"], predictions["prediction"]):
+        named = [l for l in result["labels"] if re.search(rf"(?<![A-Za-z]){l}(?![A-Za-z])", answer, re.IGNORECASE)]
+        assert prediction == (named[0] if len(named) == 1 else UNMATCHED), answer  # parsed from the answer
     cli("evaluate", "--model", "teacher")  # back to ranking for the other tests
 
 
@@ -224,6 +227,24 @@ def test_predict_answers_good_files_and_names_bad_ones(run_dir):
     answers = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
     assert answers[clip.name]["label"] in answers[clip.name]["probabilities"]
     assert abs(sum(answers["long.flac"]["probabilities"].values()) - 1) < 1e-5 and answers["long.flac"]["windows"] == 3
+    # recomputed: each 4 s window scored on its own, probabilities averaged with weights 4, 4, 2 seconds
+    from pldistill_cli.audio import read_audio
+    from pldistill_cli.predict import Predictor
+
+    predictor = Predictor(run_dir / "data/runs/synthetic/fold1/student-pl-distill-s7", "cpu")
+    long = read_audio(run_dir / "long.flac", 16000)
+    windows = [long[:64000], long[64000:128000], long[128000:]]
+    from pldistill_cli.forward import audio_features, encode_audio, score_labels
+
+    def scored(window):  # one window alone
+        features, mask = audio_features(predictor.processor, [window])
+        encoded, lengths = encode_audio(predictor.model, features, mask)
+        return score_labels(predictor.model, predictor.prompt, encoded, lengths).softmax(-1)[0].numpy()
+
+    probs = [scored(w) for w in windows]
+    expected = (4 * probs[0] + 4 * probs[1] + 2 * probs[2]) / 10
+    got = np.array([answers["long.flac"]["probabilities"][l] for l in predictor.prompt.labels])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 3 and all(len(l.split("\n")) == 1 for l in errors)
     assert {answers[n]["error"] for n in ("missing.wav", "corrupt.wav", "empty.wav")} == {
@@ -310,6 +331,8 @@ def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):
 def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
     import dataclasses
 
+    import torch
+
     from transformers import Qwen2AudioForConditionalGeneration
 
     from pldistill_cli.config import load_params
@@ -322,6 +345,15 @@ def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
     saved = run_dir / "data/runs/synthetic/fold1/student-kd-s3"
     model = Qwen2AudioForConditionalGeneration.from_pretrained(saved)
     assert not any("lora" in n for n, _ in model.named_parameters())
+    from pldistill_cli.distill import build_student
+
+    processor = __import__("transformers").AutoProcessor.from_pretrained(saved)
+    base, _ = build_student(params, processor, run_dir / "data/runs/synthetic/fold1/teacher", 3)
+    merged, start = model.state_dict(), base.state_dict()
+    lora_targets = [n for n in merged if re.search(r"language_model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight", n)]
+    assert len(lora_targets) == 7 * 2 and all(not torch.equal(merged[n], start[n]) for n in lora_targets)
+    frozen = [n for n in merged if "language_model" in n and "norm" in n or "embed_tokens" in n]
+    assert frozen and all(torch.equal(merged[n], start[n]) for n in frozen)  # only where LoRA trained
     teacher = Qwen2AudioForConditionalGeneration.from_pretrained(run_dir / "data/runs/synthetic/fold1/teacher")
     for name, value in teacher.model.audio_tower.state_dict().items():
         assert (model.model.audio_tower.state_dict()[name] == value).all(), name

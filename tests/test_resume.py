@@ -60,3 +60,23 @@ def test_a_changed_setting_starts_training_afresh(tmp_path):
     trained = []
     _train(tmp_path / "w", epochs_run=trained)
     assert trained == [1, 2, 3, 4, 5]
+
+
+def test_the_kept_weights_are_those_of_the_best_validation_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    data = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    scores, snapshots = iter([0.2, 0.7, 0.4, 0.1]), []
+
+    def validate():  # the score peaks at epoch 2; remember the weights each epoch ended with
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    step = TrainingStep({"model": model}, lambda idx: {"loss": model(data[idx]).square().mean()})
+    settings = LoopSettings(epochs=4, lr=0.1, weight_decay=0.0, max_grad_norm=1.0)
+    result = train_with_validation(step, lambda e: [torch.arange(8), torch.arange(8, 16)], validate, settings, 2,
+                                   tmp_path, "fp", "test")
+    assert result.best_epoch == 2 and result.best_score == 0.7
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][name], rtol=0, atol=0)
+        assert not torch.equal(value, snapshots[-1][name])
