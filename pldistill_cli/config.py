@@ -84,6 +84,18 @@ class ModelParams:
 
 
 @settings
+class SpecAugmentParams:
+    """SpecAugment on the teacher's training log-mels (Park et al., 2019; no time warping): per clip,
+    `time_masks` spans of up to `time_mask_frames` 10 ms frames and `freq_masks` bands of up to
+    `freq_mask_bins` mel bins (0 = off)."""
+
+    time_masks: NonNegativeInt = 0
+    time_mask_frames: NonNegativeInt = 0
+    freq_masks: NonNegativeInt = 0
+    freq_mask_bins: NonNegativeInt = 0
+
+
+@settings
 class TrainTeacherParams:
     # full: every weight from the preset's random init (tiny, small); lora: peft LoRA on the LLM of a
     # real checkpoint (encoder and projector frozen); zero-shot: the checkpoint as is
@@ -91,6 +103,10 @@ class TrainTeacherParams:
     epochs: Count = 40
     patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
     refit: bool = False  # then retrain on train + validation for the best epoch count (no validation left)
+    spec_augment: SpecAugmentParams = dataclasses.field(default_factory=lambda: SpecAugmentParams())
+    dropout: Optional[Fraction] = None  # full mode: the encoder's hidden and activation dropout (None = preset's)
+    attention_dropout: Optional[Fraction] = None  # full mode: encoder and LLM attention dropout (None = preset's)
+    feature_memory_mb: NonNegativeInt = 1024  # keep train + validation log-mels in memory up to this size
     batch_size: Count = 16  # per process (GPU)
     grad_accum: Count = 1
     lr: Positive = 1e-3

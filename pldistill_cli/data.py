@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from .audio import read_audio
 from .forward import audio_features, audio_steps
@@ -65,6 +65,64 @@ class AudioBatch:
     features: Tensor
     feature_mask: Tensor
     n_audio: Tensor
+
+
+class Clips:
+    """A manifest split's clips as encoder inputs (AudioBatch). Log-mel features are computed from the
+    audio batch by batch, or, `in_memory`, once for the split and then sliced: a teacher trains many
+    epochs over the same clips, and recomputing their features every epoch costs as much as a tiny
+    model's step. `nbytes` says what keeping them costs."""
+
+    def __init__(self, rows: pd.DataFrame, processor, in_memory: bool = False, chunk: int = 64):
+        self.rows = rows.reset_index(drop=True)
+        self.audio, self.collate = AudioClips(self.rows, processor.feature_extractor.sampling_rate), AudioCollate(processor)
+        self.features = self.feature_mask = None
+        if in_memory and len(self.rows):
+            parts = [self.collate([self.audio[i] for i in range(s, min(s + chunk, len(self.rows)))])
+                     for s in range(0, len(self.rows), chunk)]
+            self.features = torch.cat([b.features for b in parts])
+            self.feature_mask = torch.cat([b.feature_mask for b in parts])
+
+    @staticmethod
+    def nbytes(n_clips: int, processor) -> int:
+        """Memory of n clips' features (float32 log-mel, padded to the encoder window)."""
+        extractor = processor.feature_extractor
+        return 4 * n_clips * extractor.feature_size * extractor.nb_max_frames
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def loader(self, batches: list[list[int]]):
+        """The AudioBatch of each list of row indices, in order."""
+        if self.features is None:
+            return DataLoader(self.audio, batch_sampler=batches, collate_fn=self.collate)
+        return (AudioBatch(b, self.features[b], self.feature_mask[b], audio_steps(self.feature_mask[b]))
+                for b in batches)
+
+
+def spec_augment(features: Tensor, feature_mask: Tensor, time_masks: int = 0, time_mask_frames: int = 0,
+                 freq_masks: int = 0, freq_mask_bins: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """SpecAugment (Park et al., 2019) without time warping, for log-mel features [B, M, F] whose real
+    frames are the first ones of each clip (feature_mask [B, F]): each clip gets `time_masks` spans of
+    0..time_mask_frames frames inside its real frames and `freq_masks` bands of 0..freq_mask_bins mel
+    bins, widths and positions uniform; masked values become the clip's mean over its real frames.
+    Padding frames are left as they are. Returns a masked copy."""
+    b, m, f = features.shape
+    valid = feature_mask.bool()
+    n = valid.sum(-1).clamp(min=1)
+    mean = (features * valid[:, None, :]).sum((1, 2)) / (n * m)
+    masked = torch.zeros(b, m, f, dtype=torch.bool, device=features.device)
+    frames, bins = torch.arange(f, device=features.device), torch.arange(m, device=features.device)
+    for _ in range(time_masks if time_mask_frames > 0 else 0):
+        width = torch.minimum(torch.randint(0, time_mask_frames + 1, (b,), generator=generator).to(n.device), n)
+        start = (torch.rand(b, generator=generator).to(n.device) * (n - width + 1)).long()
+        masked |= ((frames[None] >= start[:, None]) & (frames[None] < (start + width)[:, None]))[:, None, :]
+    for _ in range(freq_masks if freq_mask_bins > 0 else 0):
+        width = torch.randint(0, min(freq_mask_bins, m) + 1, (b,), generator=generator).to(features.device)
+        start = (torch.rand(b, generator=generator).to(features.device) * (m - width + 1)).long()
+        band = (bins[None] >= start[:, None]) & (bins[None] < (start + width)[:, None])
+        masked |= band[:, :, None] & valid[:, None, :]
+    return torch.where(masked, mean[:, None, None].to(features.dtype), features)
 
 
 class AudioCollate:

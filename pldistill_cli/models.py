@@ -143,14 +143,22 @@ def _llm_config(spec: dict[str, Any], vocab_size: int) -> Qwen2Config:
     return Qwen2Config(**{"vocab_size": vocab_size, "max_position_embeddings": 2048, "tie_word_embeddings": False, **spec})
 
 
-def build_teacher(preset: Preset, seed: int) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
-    """A randomly initialised teacher of the real architecture, from the preset's configs."""
+def build_teacher(preset: Preset, seed: int, dropout: float | None = None, attention_dropout: float | None = None
+                  ) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+    """A randomly initialised teacher of the real architecture, from the preset's configs; `dropout`
+    (the encoder's hidden and activation dropout) and `attention_dropout` (encoder and LLM) replace
+    the preset's when given."""
     processor = build_processor(preset)
     tokenizer = processor.tokenizer
-    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=preset.window_seconds * 50, **preset.encoder)
+    encoder_spec, llm_spec = dict(preset.encoder), dict(preset.teacher_llm)
+    if dropout is not None:
+        encoder_spec.update(dropout=dropout, activation_dropout=dropout)
+    if attention_dropout is not None:
+        encoder_spec["attention_dropout"] = llm_spec["attention_dropout"] = attention_dropout
+    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=preset.window_seconds * 50, **encoder_spec)
     config = Qwen2AudioConfig(
         audio_config=encoder,
-        text_config=_llm_config(preset.teacher_llm, len(tokenizer)),
+        text_config=_llm_config(llm_spec, len(tokenizer)),
         audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     torch.manual_seed(seed)

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-from .data import AudioClips, AudioCollate, length_sorted_batches
+from .data import Clips, length_sorted_batches
 from .forward import CACHE, encode_audio, forward_from_encoder, score_labels
 from .metrics import parse_answer
 from .prompt import PromptLayout
@@ -36,27 +35,38 @@ class Scored:
 @torch.no_grad()
 def predict_audio(model, processor, prompt: PromptLayout, rows: pd.DataFrame, batch_size: int, device: torch.device,
                   description: str = "score", scoring: str = "rank", max_new_tokens: int = 8) -> Scored:
-    """Predict the clips of `rows` from their audio, by ranking the label words (`rank`) or by greedy
-    generation parsed to a label (`generate`); also times the encoder and the LLM part."""
+    """Predict the clips of `rows` from their audio (see predict_clips)."""
+    return predict_clips(model, processor.tokenizer, prompt, Clips(rows, processor), list(range(len(rows))),
+                         batch_size, device, description, scoring, max_new_tokens)
+
+
+@torch.no_grad()
+def predict_clips(model, tokenizer, prompt: PromptLayout, clips: Clips, subset: list[int], batch_size: int,
+                  device: torch.device, description: str = "score", scoring: str = "rank",
+                  max_new_tokens: int = 8) -> Scored:
+    """Predict the clips `subset` (row indices of `clips`, in that order) by ranking the label words
+    (`rank`) or by greedy generation parsed to a label (`generate`); also times the encoder and the LLM."""
     model.eval()
-    loader = DataLoader(AudioClips(rows, processor.feature_extractor.sampling_rate), batch_sampler=length_sorted_batches(rows["duration"], batch_size),
-                        collate_fn=AudioCollate(processor))
-    scores = np.zeros((len(rows), len(prompt.labels)), dtype=np.float32)
-    answers = [""] * len(rows)
+    position = {row: k for k, row in enumerate(subset)}
+    lengths = clips.rows["duration"].iloc[subset].to_numpy()
+    loader = clips.loader([[subset[j] for j in b] for b in length_sorted_batches(lengths, batch_size)])
+    scores = np.zeros((len(subset), len(prompt.labels)), dtype=np.float32)
+    answers = [""] * len(subset)
     timing = {"encoder": 0.0, "llm": 0.0}
-    with progress(description, len(rows)) as bar:
+    with progress(description, len(subset)) as bar:
         for batch in loader:
+            places = [position[r] for r in batch.rows]
             start = time.perf_counter()
             with autocast(device):
-                encoded, lengths = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
+                encoded, steps = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
                 _sync(device)
                 middle = time.perf_counter()
                 if scoring == "rank":
-                    scores[batch.rows] = score_labels(model, prompt, encoded, lengths).float().cpu().numpy()
+                    scores[places] = score_labels(model, prompt, encoded, steps).float().cpu().numpy()
                 else:
-                    for i, row in enumerate(batch.rows):
-                        answers[row] = generate_answer(model, prompt, encoded[i : i + 1], lengths[i : i + 1],
-                                                       processor.tokenizer, max_new_tokens)
+                    for i, place in enumerate(places):
+                        answers[place] = generate_answer(model, prompt, encoded[i : i + 1], steps[i : i + 1],
+                                                         tokenizer, max_new_tokens)
             _sync(device)
             timing["encoder"] += middle - start
             timing["llm"] += time.perf_counter() - middle
@@ -65,7 +75,7 @@ def predict_audio(model, processor, prompt: PromptLayout, rows: pd.DataFrame, ba
         predictions = [prompt.labels[j] for j in scores.argmax(1)]
     else:
         predictions = [parse_answer(a, prompt.labels) for a in answers]
-    n = max(len(rows), 1)
+    n = max(len(subset), 1)
     return Scored(predictions, scores if scoring == "rank" else None, answers if scoring != "rank" else None,
                   1000 * timing["encoder"] / n, 1000 * timing["llm"] / n)
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from .checkpoints import checked_config, resolve_checkpoint
 from .config import Params, fingerprint, preprocessing
-from .data import AudioClips, AudioCollate, text_batch
+from .data import Clips, spec_augment, text_batch
 from .errors import PldistillError
 from .forward import encode_audio, forward_from_encoder
 from .layout import Layout
 from .losses import answer_cross_entropy
 from .manifest import manifest_labels, read_manifest, select_split
 from .metrics import classification_metrics
-from .models import (ModelMeta, add_lora, build_teacher, check_sample_rate, count_parameters, environment, get_preset,
-                     save_model, save_reference, weights_dtype)
+from .models import (ModelMeta, add_lora, build_processor, build_teacher, check_sample_rate, count_parameters,
+                     environment, get_preset, save_model, save_reference, weights_dtype)
 from .prompt import PromptLayout
-from .scoring import predict_audio
+from .scoring import predict_clips
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
                        sharded_predictions, shuffled_batches, start_processes, train_with_validation)
 from .ui import console
@@ -39,7 +39,6 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     p = params.train_teacher
     device = resolve_device(p.device)
     processes = start_processes(device, params.world_size)
-    seed_everything(params.seed)
     sections = {"train_teacher": params.section("train_teacher"), "model": params.section("model"),
                 "preprocess": preprocessing(params)}
     folder = layout.teacher(dataset, fold)
@@ -52,7 +51,7 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         checked_config(base, "qwen2_audio", "model.teacher")
         processor = AutoProcessor.from_pretrained(base.path)
     elif p.mode == "full":
-        model, processor = build_teacher(get_preset(params.model.preset), params.seed)
+        processor = build_processor(get_preset(params.model.preset))
     else:
         raise PldistillError(f"params.yaml: train_teacher.mode {p.mode} needs a real checkpoint (model.preset hub); "
                              f"the {params.model.preset} preset's teacher is random, use full")
@@ -66,34 +65,50 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
             save_reference(folder, processor, base, made_by)
         console.print(f"teacher: {base.source} at {base.revision}, zero-shot")
         return made_by
-    if base is not None:
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
-    model.to(device)
-    if params.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = add_lora(model, p.lora_r, p.lora_alpha, p.lora_dropout, projector="frozen") if p.mode == "lora" else None
+
+    def fresh():
+        """The teacher before training (the same weights every time): built from the preset, or the
+        checkpoint with new LoRA layers."""
+        seed_everything(params.seed)
+        if base is None:
+            model = build_teacher(get_preset(params.model.preset), params.seed, p.dropout, p.attention_dropout)[0]
+        else:
+            model = Qwen2AudioForConditionalGeneration.from_pretrained(
+                base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
+        model.to(device)
+        if params.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lora = add_lora(model, p.lora_r, p.lora_alpha, p.lora_dropout, projector="frozen") if p.mode == "lora" else None
+        return model, lora
+
+    model, lora = fresh()
     trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    in_memory = Clips.nbytes(len(train) + len(validation), processor) <= p.feature_memory_mb * 2**20
     console.print(f"teacher ({params.model.preset}, {p.mode}): {count_parameters(model):,} parameters, "
-                  f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation clips")
+                  f"{trainable:,} trainable; {len(train)} train / {len(validation)} validation clips"
+                  + ("; log-mels kept in memory" if in_memory else ""))
+    held_out = Clips(validation, processor, in_memory)
+    augment = dataclasses.asdict(p.spec_augment)
 
-    clips = AudioClips(train, params.preprocess.sample_rate)
-    collate = AudioCollate(processor)
+    def own(clips: Clips, epoch: int) -> list[list[int]]:
+        return shard(shuffled_batches(len(clips), p.batch_size, params.seed + epoch), processes, p.grad_accum)
 
-    def batches(epoch: int):
-        own = shard(shuffled_batches(len(clips), p.batch_size, params.seed + epoch), processes, p.grad_accum)
-        return DataLoader(clips, batch_sampler=own, collate_fn=collate)
+    def batches(clips: Clips):
+        return lambda epoch: clips.loader(own(clips, epoch))
 
-    def terms(batch) -> dict[str, torch.Tensor]:
-        text = text_batch(prompt, batch.n_audio.tolist(), train["label"].iloc[batch.rows].tolist()).to(device)
-        with autocast(device):
-            encoded, lengths = encode_audio(model, batch.features.to(device), batch.feature_mask.to(device))
-            logits, _, _ = forward_from_encoder(model, encoded, lengths, text.input_ids, text.attention_mask)
-        return {"loss": answer_cross_entropy(logits, text.input_ids, text.answer_mask)}
+    def step(clips: Clips, model) -> TrainingStep:
+        def terms(batch) -> dict[str, torch.Tensor]:
+            text = text_batch(prompt, batch.n_audio.tolist(), clips.rows["label"].iloc[batch.rows].tolist()).to(device)
+            features = spec_augment(batch.features, batch.feature_mask, **augment)  # training only
+            with autocast(device):
+                encoded, lengths = encode_audio(model, features.to(device), batch.feature_mask.to(device))
+                logits, _, _ = forward_from_encoder(model, encoded, lengths, text.input_ids, text.attention_mask)
+            return {"loss": answer_cross_entropy(logits, text.input_ids, text.answer_mask)}
+        return TrainingStep({"teacher": model}, terms)
 
     def validate() -> float:
         def predict(rows: list[int]) -> list[str]:
-            return predict_audio(model, processor, prompt, validation.iloc[rows], p.batch_size, device,
+            return predict_clips(model, processor.tokenizer, prompt, held_out, rows, p.batch_size, device,
                                  "validate").predictions
 
         predictions = sharded_predictions(len(validation), predict, processes)
@@ -101,11 +116,20 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
 
     work = layout.work(dataset, fold, "train-teacher")
     settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
-    result = train_with_validation(TrainingStep({"teacher": model}, terms), batches, validate, settings,
-                                   len(batches(0)), work, fingerprint(dataclasses.asdict(made_by)),
-                                   f"train teacher {dataset} fold {fold}")
+    run_id = fingerprint(dataclasses.asdict(made_by))
+    train_clips = Clips(train, processor, in_memory)
+    result = train_with_validation(step(train_clips, model), batches(train_clips), validate, settings,
+                                   len(own(train_clips, 0)), work, run_id, f"train teacher {dataset} fold {fold}")
+    refit = None
+    if p.refit:  # the chosen epoch count, from the same start, on train + validation
+        everything = Clips(pd.concat([train, validation], ignore_index=True), processor, in_memory)
+        model, lora = fresh()
+        again = dataclasses.replace(settings, epochs=result.best_epoch, patience=0)
+        train_with_validation(step(everything, model), batches(everything), None, again, len(own(everything, 0)),
+                              work / "refit", run_id, f"refit teacher {dataset} fold {fold} on train + validation")
+        refit = {"epochs": result.best_epoch, "clips": len(everything)}
     summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
-                                  history=tuple(result.history))
+                                  history=tuple(result.history), refit=refit)
     if processes.is_main_process:
         if lora is not None:
             save_reference(folder, processor, base, summary, adapter=lora)
@@ -113,5 +137,6 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
             save_model(model, processor, folder, summary)
         finish_work(work)
     processes.wait_for_everyone()
-    console.print(f"teacher: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}")
+    console.print(f"teacher: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}"
+                  + (" (refit on train + validation)" if refit else ""))
     return summary

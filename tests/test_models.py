@@ -216,3 +216,24 @@ def test_a_merged_lora_student_scores_after_reloading_as_it_did_in_memory(tiny_t
     reloaded, _ = load_model(tmp_path / "student")
     with torch.no_grad():
         torch.testing.assert_close(score_labels(reloaded, prompt, encoded, lengths), in_memory, rtol=1e-5, atol=1e-5)
+
+
+def test_spec_augment_masks_only_real_frames_and_is_off_by_default():
+    from pldistill_cli.data import spec_augment
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 16, 50, generator=g)
+    mask = torch.zeros(3, 50, dtype=torch.long)
+    for i, n in enumerate((50, 30, 12)):
+        mask[i, :n] = 1
+    assert torch.equal(spec_augment(features, mask), features)
+    out = spec_augment(features, mask, time_masks=2, time_mask_frames=8, freq_masks=2, freq_mask_bins=4,
+                       generator=torch.Generator().manual_seed(1))
+    changed = out != features
+    assert changed.any() and not changed[~mask.bool()[:, None, :].expand_as(changed)].any()  # padding untouched
+    for i, n in enumerate((50, 30, 12)):
+        mean = features[i, :, :n].mean()
+        torch.testing.assert_close(out[i][changed[i]], mean.expand(int(changed[i].sum())))
+        frames = changed[i].all(0)[:n].sum()  # whole masked frames: at most 2 spans of 8
+        bins = changed[i][:, :n].all(1).sum()  # whole masked bands: at most 2 of 4 bins
+        assert frames <= 16 and bins <= 8

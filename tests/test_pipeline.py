@@ -424,3 +424,20 @@ def test_refit_retrains_afresh_on_train_and_validation_for_the_chosen_epochs(run
     assert selected.refit is None and refit.best_epoch == selected.best_epoch  # the same selection run
     assert refit.refit == {"epochs": selected.best_epoch, "clips": 32}  # 16 train + 16 validation clips
     assert not torch.equal(Qwen2AudioForConditionalGeneration.from_pretrained(folder).lm_head.weight, chosen)
+
+
+def test_a_refit_teacher_retrains_on_train_and_validation(run_dir, monkeypatch, tmp_path):
+    import dataclasses
+    import shutil
+
+    from pldistill_cli.config import load_params
+    from pldistill_cli.layout import Layout
+    from pldistill_cli.train_teacher import train_teacher
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    layout = Layout(data=tmp_path / "data")
+    shutil.copytree(run_dir / "data/prepared", layout.data / "prepared")
+    params = dataclasses.replace(params, train_teacher=dataclasses.replace(params.train_teacher, refit=True))
+    made = train_teacher("synthetic", 1, params, layout)
+    assert made.refit == {"epochs": made.best_epoch, "clips": 32}  # 16 train + 16 validation clips
