@@ -120,7 +120,8 @@ class TrainTeacherParams:
 
 @settings
 class CacheParams:
-    attention_layer: Int = -1
+    # the teacher LLM layer whose text-to-audio attention weights AW-CKA (-1 = last), or "mean" (every layer)
+    attention_layer: Int | Literal["mean"] = -1
     top_k: Count = 16
     temperature: Positive = 2.0
     # PDist targets: linear = the teacher projector's W and b once (exact, from the shared encoder

@@ -81,19 +81,21 @@ def forward_from_encoder(
 
 @contextmanager
 def capture_audio_attention(
-    model: Qwen2AudioForConditionalGeneration, layer: int, query_mask: Tensor, audio_mask: Tensor, key_mask: Tensor
+    model: Qwen2AudioForConditionalGeneration, layer: int | str, query_mask: Tensor, audio_mask: Tensor,
+    key_mask: Tensor
 ) -> Iterator[dict]:
     """While active, the next forward pass stores in result["weights"] the attention [B, S] of the
-    given LLM layer from the query positions (query_mask) onto the audio keys (audio_mask): mean over
-    heads and query positions, renormalised to sum 1 over the audio keys. key_mask is the
-    attention mask (False = padding).
+    given LLM layer (or, with "mean", the mean over every layer) from the query positions (query_mask)
+    onto the audio keys (audio_mask): mean over heads and query positions, renormalised to sum 1 over
+    the audio keys. key_mask is the attention mask (False = padding).
 
-    Only that layer's query rows are recomputed from its inputs (q, k after rotary embedding), so no
+    Only those layers' query rows are recomputed from their inputs (q, k after rotary embedding), so no
     layer's full attention matrix is materialised and the model keeps its fast attention kernel."""
     layers = model.model.language_model.layers
-    if not -len(layers) <= layer < len(layers):
+    if layer != "mean" and not -len(layers) <= layer < len(layers):
         raise PldistillError(f"params.yaml: cache.attention_layer {layer} is outside the teacher's {len(layers)} LLM layers")
-    attn = layers[layer].self_attn
+    chosen = list(layers) if layer == "mean" else [layers[layer]]
+    captured: list[Tensor] = []
     result: dict = {}
 
     def hook(module, args, kwargs, output):
@@ -116,17 +118,19 @@ def capture_audio_attention(
         row_valid = torch.gather(query_mask, 1, order).float()  # [B, n_query]
         mean = (probs.mean(1) * row_valid[..., None]).sum(1) / row_valid.sum(1, keepdim=True).clamp(min=1)
         mean = mean * audio_mask
-        result["weights"] = mean / mean.sum(-1, keepdim=True).clamp(min=1e-12)
+        captured.append(mean / mean.sum(-1, keepdim=True).clamp(min=1e-12))
+        result["weights"] = torch.stack(captured).mean(0)  # each layer's weights sum to 1: so does their mean
 
-    handle = attn.register_forward_hook(hook, with_kwargs=True)
+    handles = [l.self_attn.register_forward_hook(hook, with_kwargs=True) for l in chosen]
     try:
         yield result
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def forward_with_audio_attention(model, prompt: PromptLayout, encoded: Tensor, lengths: Tensor, input_ids: Tensor,
-                                 attention_mask: Tensor, layer: int, logits: bool = True) -> tuple[Tensor, list[Tensor]]:
+                                 attention_mask: Tensor, layer: int | str, logits: bool = True) -> tuple[Tensor, list[Tensor]]:
     """Logits (or last hidden states) of a right-padded batch, and each clip's attention weights over
     its T audio steps: from the prompt's text queries after the audio (before any answer), at LLM `layer`."""
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]

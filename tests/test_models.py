@@ -64,7 +64,8 @@ def test_label_scores_equal_brute_force_answer_likelihoods(tiny_teacher):
     assert any(len(a) > 2 for a in prompt.answers), "multi-token label words are exercised"
 
 
-def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher):
+@pytest.mark.parametrize("layer", [0, -1, "mean"])
+def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher, layer):
     model, processor = tiny_teacher
     prompt = PromptLayout.from_processor(processor, LABELS)
     with torch.no_grad():
@@ -74,7 +75,7 @@ def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher):
         audio = ids == prompt.audio_token_id
         prompt_len = torch.tensor([len(prompt.prompt_ids(int(t))) for t in lengths])
         queries = (pos >= len(prompt.prefix) + lengths[:, None]) & (pos < prompt_len[:, None])
-        with capture_audio_attention(model, 0, queries, audio, attn) as captured:
+        with capture_audio_attention(model, layer, queries, audio, attn) as captured:
             forward_from_encoder(model, encoded, lengths, ids, attn)
         model.set_attn_implementation("eager")
         try:
@@ -85,9 +86,13 @@ def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher):
         finally:
             model.set_attn_implementation("sdpa")
     weights = captured["weights"]
+    layers = range(len(out.attentions)) if layer == "mean" else [layer]
     for i in range(3):
-        expected = out.attentions[0][i][:, queries[i]].mean(0).mean(0) * audio[i]
-        torch.testing.assert_close(weights[i], expected / expected.sum(), atol=1e-6, rtol=1e-5)
+        per_layer = []
+        for n in layers:  # each layer's weights renormalised over the audio keys, then averaged over layers
+            expected = out.attentions[n][i][:, queries[i]].mean(0).mean(0) * audio[i]
+            per_layer.append(expected / expected.sum())
+        torch.testing.assert_close(weights[i], torch.stack(per_layer).mean(0), atol=1e-6, rtol=1e-5)
         assert torch.isclose(weights[i][audio[i]].sum(), torch.tensor(1.0))
 
 
