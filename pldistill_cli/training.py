@@ -176,7 +176,8 @@ def train_with_validation(
     with progress(description, settings.epochs * steps_per_epoch) as bar:
         bar.update(completed=start * steps_per_epoch)
         for epoch in range(start, settings.epochs):
-            if settings.patience and epoch - result.best_epoch >= settings.patience:
+            # epochs since the best one (best_epoch is -1 until an epoch has been scored: count from the start)
+            if settings.patience and epoch - max(result.best_epoch, 0) >= settings.patience:
                 break  # no better validation score for `patience` epochs
             model.train()
             totals: dict[str, float] = {}
