@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .config import CACHE_KEYS, PREPROCESS_KEYS
-from .layout import Layout
+from .layout import REPORT_FILES, Layout
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
@@ -93,7 +93,7 @@ STAGES: dict[str, Stage] = {
     "report": Stage("report", "report", (),
                     ("seed", "datasets", "folds", "methods", "seeds", "model", "distill", "evaluate", "cache", *_PRE),
                     deps=(str(_L.metrics_root), str(_L.data / "runs"), str(_L.data / "prepared")),
-                    outs=(str(_L.report_root),)),
+                    outs=tuple(str(_L.report_root / name) for name in REPORT_FILES)),
 }
 
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+REPORT_FILES = ("report.md", "report.html", "training_curves.csv", "figures")  # what the report stage owns in report/
+
+
 def student_name(method: str, seed: int) -> str:
     """A student run: one method trained with one seed (also its metrics name)."""
     return f"student-{method}-s{seed}"

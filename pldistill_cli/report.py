@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from .config import Params
 from .errors import PldistillError
 from .files import atomic_path, fresh_folder, replace_folder, write_text
 from .labels import PAPER_HEADLINES
-from .layout import Layout, student_name
+from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest
 from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, paired_comparison
 from .models import ModelMeta
@@ -298,12 +300,18 @@ def diagnostics(histories: dict[str, list[list[dict]]], attention_share: float, 
 
 
 def write_report(params: Params, layout: Layout = Layout()) -> Path:
-    """Build the report in a fresh folder and swap it in (a failed report leaves the previous one)."""
+    """Build the report aside, then swap each of its files in (a failed report leaves the previous one;
+    anything else in the folder, such as report/study/, is not the stage's and stays)."""
     out = layout.report_root
     tmp = fresh_folder(out)
-    built = Layout(layout.data, layout.metrics_root, tmp)
-    _write(params, layout, built.report_root)
-    replace_folder(tmp, out)
+    _write(params, layout, tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        if (tmp / name).is_dir():
+            replace_folder(tmp / name, out / name)
+        else:
+            os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp)
     return out / "report.md"
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from pydantic import TypeAdapter
 
 from pldistill_cli.config import CorpusParams, Params, Restricted, UndeclaredParams
 from pldistill_cli.graph import STAGES, code_deps, main, render
@@ -38,6 +39,20 @@ def test_every_module_a_stage_imports_is_a_declared_dependency(stage):
     # cli.py's own lazy imports belong to the other commands; the stage module's closure must cover the rest
     others = {f"pldistill_cli/{s.module}.py" for s in STAGES.values() if s.module != stage}
     assert imported - others <= declared
+
+
+def test_params_yaml_spells_out_every_setting_a_stage_declares():
+    """DVC fails a stage whose declared param is missing from params.yaml, so the committed file holds
+    every setting (and nothing the code does not know)."""
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        return set().union(*({f"{prefix}{k}"} | (keys(v, f"{prefix}{k}.") if isinstance(v, dict) else set())
+                             for k, v in tree.items()))
+    written = keys(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    known = keys(TypeAdapter(Params).dump_python(Params()))
+    declared = {key.replace("${item.dataset}", "synthetic")
+                for stage in yaml.safe_load(render())["stages"].values() for key in stage.get("params", [])}
+    assert declared <= written and {k for k in known if not k.startswith("corpora.")} <= written
+    assert {k for k in written if not k.startswith("corpora.")} <= known
 
 
 def test_a_stage_reading_an_undeclared_setting_fails():
