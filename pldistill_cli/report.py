@@ -47,6 +47,7 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+# pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
 def _save(fig, path: Path, layout: bool = True) -> Path:
     if layout:
         fig.tight_layout()
@@ -56,6 +57,7 @@ def _save(fig, path: Path, layout: bool = True) -> Path:
     return path
 
 
+# pragma: no mutate end
 def _mean_sd(values: list[float]) -> str:
     """Mean ± sample standard deviation (n - 1), or the single value."""
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
@@ -131,6 +133,7 @@ def _verdict(result: dict) -> str:
     return "not significant"
 
 
+# pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
 def _confusions(predictions: dict[str, pd.DataFrame], labels, dataset: str, folds, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(predictions), figsize=(3.6 * len(predictions), 3.8), squeeze=False)
     for ax, (title, pred) in zip(axes[0], predictions.items()):
@@ -247,6 +250,7 @@ def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels
     return rows
 
 
+# pragma: no mutate end
 def _last(history: list[dict], key: str) -> float:
     values = [r[key] for r in history if key in r]
     return values[-1] if values else float("nan")
@@ -299,6 +303,7 @@ def diagnostics(histories: dict[str, list[list[dict]]], attention_share: float, 
     return rows, notes
 
 
+# pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
 def write_report(params: Params, layout: Layout = Layout()) -> Path:
     """Build the report aside, then swap each of its files in (a failed report leaves the previous one;
     anything else in the folder, such as report/study/, is not the stage's and stays)."""
@@ -479,3 +484,4 @@ def render_html(markdown: str, folder: Path) -> str:
              "pre{background:#f5f5f5;padding:8px;font-size:12px;white-space:pre-wrap}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>pldistill report</title>"
             f"<style>{style}</style></head><body>{body}</body></html>")
+# pragma: no mutate end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -42,3 +43,10 @@ def tiny_teacher():
 
     model, processor = build_teacher(get_preset("tiny"), seed=0)
     return model.eval(), processor
+
+
+def pytest_collection_modifyitems(items):
+    """Under mutmut (scripts/mutation.sh; it sets MUTANT_UNDER_TEST and stops at the first failure), the
+    torchrun tests run last, so that a mutant a fast test kills never waits for them."""
+    if "MUTANT_UNDER_TEST" in os.environ:
+        items.sort(key=lambda item: item.nodeid.startswith("tests/test_distributed.py"))

@@ -3,6 +3,7 @@ Each process writes what it ended with (weights, updates per epoch, which valida
 and the predictions it got back) to OUT/rank<k>.json."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,10 +42,15 @@ step = TrainingStep({"model": model}, lambda idx: {"loss": (model(data[idx]) - t
 result = train_with_validation(step, batches, validate, LoopSettings(epochs=3, lr=0.05, weight_decay=0.0,
                                                                      max_grad_norm=10.0, grad_accum=grad_accum),
                                len(batches(0)), out / f"work{state.process_index}", "fp", "probe")
-(out / f"rank{state.process_index}.json").write_text(json.dumps({
+record = {
     "weights": [p.detach().flatten().tolist() for p in model.parameters()],
     "updates": [h["updates"] for h in result.history],
     "scored": scored[-1],
     "predictions": validate.predictions,
     "best_epoch": result.best_epoch,
-}))
+}
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # mutmut's coverage pass (scripts/mutation.sh)
+    from mutmut.state import state as mutmut_state
+
+    record["mutmut_functions"] = sorted(mutmut_state()._stats)  # the mutated functions this process ran
+(out / f"rank{state.process_index}.json").write_text(json.dumps(record))

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import pldistill_cli
 from pldistill_cli.cli import app
 
 PARAMS = {
@@ -103,10 +104,17 @@ def test_data_parallel_ranks_stay_identical_and_step_as_documented(tmp_path):
     rank scores only its share of the validation items but gets every prediction back."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(Path(__file__).with_name("ddp_probe.py")), str(tmp_path), "11", "2"]
+    # the probes import the pldistill_cli this test imported (under mutmut: its mutated copy)
+    package_root = str(Path(pldistill_cli.__file__).resolve().parents[1])
+    path = os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])])
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":  # mutmut: the probes' calls count as this test's
+        from mutmut.state import state as mutmut_state
+
+        mutmut_state()._stats.update(*(r["mutmut_functions"] for r in ranks))
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["updates"] == ranks[1]["updates"] == [11 // 2 // 2] * 3
     assert set(ranks[0]["scored"]).isdisjoint(ranks[1]["scored"])
