@@ -76,7 +76,8 @@ def sharded_predictions(n_items: int, predict: Callable[[list[int]], list[str]],
 
 
 def shuffled_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]]:
-    """The batches a shuffling DataLoader with a generator seeded `seed` would draw."""
+    """The batches of a RandomSampler with a generator seeded `seed`, cut by a BatchSampler (a shuffling
+    DataLoader given that generator draws other ones: it first takes its workers' base seed from it)."""
     order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
     return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]
 
