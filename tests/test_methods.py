@@ -139,12 +139,35 @@ def test_the_total_loss_is_ce_plus_the_weighted_terms(setup, method, estimator):
     torch.testing.assert_close(terms["loss"], torch.as_tensor(total), atol=1e-5, rtol=1e-5)
 
 
-def test_precomputed_teacher_norms_change_nothing(setup):
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_precomputed_teacher_norms_change_nothing(setup, estimator):
     student, batch, weight, bias, _ = setup
-    teacher = Teacher.of(weight, bias, 2.0)
+    teacher = Teacher.of(weight, bias, 2.0, estimator)
     with torch.no_grad():
         for method in ("pl-distill", "cka", "pdist"):
             plain = distillation_terms(student, batch, METHODS[method], teacher, 1.0, 1.0)
-            given = distillation_terms(student, {**batch, "teacher_norm": teacher.norms(METHODS[method], batch)},
-                                       METHODS[method], teacher, 1.0, 1.0)
+            norms = teacher.norms(METHODS[method], batch)
+            given = distillation_terms(student, {**batch, "teacher_norm": norms}, METHODS[method], teacher, 1.0, 1.0)
             torch.testing.assert_close(given["cka"], plain["cka"], rtol=0, atol=1e-6)
+            # the cached normaliser is the one used: doubling it halves every clip's CKA
+            doubled = distillation_terms(student, {**batch, "teacher_norm": 2 * norms}, METHODS[method], teacher,
+                                         1.0, 1.0)
+            torch.testing.assert_close(doubled["cka"], plain["cka"] / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_a_gram_cache_gives_the_same_terms(setup, estimator):
+    """A cache holding each clip's raw teacher Gram K = Z Z^T (Z = X W^T + b on its real steps) instead of
+    the encoder output: the same loss terms."""
+    student, batch, weight, bias, _ = setup
+    teacher = Teacher.of(weight, bias, 2.0, estimator)
+    z = batch["encoded"] @ weight.T + bias
+    real = step_mask(batch["lengths"], z.shape[1])[..., None].float()
+    gram = (z * real) @ (z * real).mT
+    with torch.no_grad():
+        for method in ("pl-distill", "cka", "pdist"):
+            plain = distillation_terms(student, batch, METHODS[method], teacher, 0.3, 1.7)
+            cached = distillation_terms(student, {**batch, "gram": gram}, METHODS[method], teacher, 0.3, 1.7)
+            assert set(cached) == set(plain)
+            for key in plain:
+                torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-4)

@@ -1,0 +1,785 @@
+"""Tests aimed at what mutation testing of the core (scripts/mutation.sh, TESTING.md) found unchecked:
+each expectation is computed independently (float64 references, hand computations, exact enumeration,
+the documented procedure re-done with other tools), never read off the code under test."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+import warnings
+from html import unescape
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import recall_score
+from test_losses import ref_debiased_cka, ref_weighted_cka
+
+from pldistill_cli.errors import PldistillError
+from pldistill_cli.labels import label_set
+from pldistill_cli.layout import Layout
+from pldistill_cli.losses import (aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl, teacher_factor,
+                                  topk_logprobs)
+from pldistill_cli.methods import TargetCollate, Teacher
+from pldistill_cli.metrics import (UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline,
+                                   paired_comparison)
+from pldistill_cli.prompt import PromptLayout
+from pldistill_cli.report import (Runs, _collect, _load, _mean_sd, _paired, _references, _summary_row, _verdict,
+                                  diagnostics, render_html, table)
+from pldistill_cli.training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything,
+                                    shard, sharded_predictions, shuffled_batches, start_processes,
+                                    train_with_validation)
+
+ROUTES = ("features", "gram", "encoded")
+
+
+def _ref_cka(s: np.ndarray, t: np.ndarray, w: np.ndarray, estimator: str) -> float:
+    return ref_weighted_cka(s, t, w) if estimator == "biased" else ref_debiased_cka(s, t, w)
+
+
+def _cka(route: str, student, encoded, weight, bias, w, mask, estimator: str, eps: float = 1e-8) -> torch.Tensor:
+    """AW-CKA against the teacher Z = X W^T + b, given as features, as its Gram, or in encoder space."""
+    teacher = encoded @ weight.T + (0 if bias is None else bias)
+    if route == "features":
+        return aw_cka(student, teacher, w, mask, eps=eps, estimator=estimator)
+    if route == "gram":
+        return aw_cka_gram(student, teacher @ teacher.mT, w, mask, eps=eps, estimator=estimator)
+    return aw_cka_encoded(student, encoded, teacher_factor(weight, bias), w, mask, eps=eps, estimator=estimator)
+
+
+# ----------------------------------------------------------------------------------------------- AW-CKA
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_cka_ignores_each_clips_scale_and_huge_padding(route: str, estimator: str) -> None:
+    """Clip 0 has features of size 1e12, clip 1 of size 1e-12 and padding of 1e15 to 1e30: each clip's CKA
+    is its float64 value at ordinary scale (scale invariance, per clip; padding has no influence)."""
+    g = torch.Generator().manual_seed(1)
+    t, ds, denc, dt = 7, 3, 4, 5
+    student, encoded = torch.randn(2, t, ds, generator=g), torch.randn(2, t, denc, generator=g)
+    weight = torch.randn(dt, denc, generator=g)
+    with torch.no_grad():
+        student[..., :2] += (encoded @ weight.T)[..., :2]  # correlated with the teacher
+    w = 0.2 + torch.rand(2, t, generator=g)
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[1, 5:] = False
+    expected = [_ref_cka(student[b, mask[b]].numpy(), (encoded[b, mask[b]] @ weight.T).numpy(),
+                         w[b, mask[b]].numpy(), estimator) for b in range(2)]
+    scale = torch.tensor([1e12, 1e-12])[:, None, None]
+    # in encoder space the teacher is [X | 1] F: its constant column fixes the scale, so only the student's varies
+    big_s, big_x = student * scale, encoded * (scale if route != "encoded" else 1.0)
+    big_s[1, 5:], big_x[1, 5:] = 1e30, 1e15  # the teacher's Gram squares its padding: 1e32 stays finite
+    out = _cka(route, big_s, big_x, weight, None, w, mask, estimator)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5 if estimator == "biased" else 2e-4)
+
+
+def _variance_ratio(z: np.ndarray, w: np.ndarray) -> float:
+    """sum_t w_t ||z_t - mu||^2 / sum_t w_t ||z_t||^2 with w normalised and mu = w^T Z, in float64."""
+    z, w = z.astype(np.float64), w.astype(np.float64) / w.sum()
+    return float((w * ((z - w @ z) ** 2).sum(1)).sum() / (w * (z ** 2).sum(1)).sum())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("spread", [3e-2, 1.0])
+def test_a_clip_is_constant_when_its_variance_is_at_most_eps_times_its_second_moment(route: str,
+                                                                                  spread: float) -> None:
+    """Per clip: CKA is 0 once eps reaches the teacher's variance / second-moment ratio (computed here in
+    float64), and the float64 value just below it, whatever the other clip in the batch looks like."""
+    g = torch.Generator().manual_seed(2)
+    t, ds, denc, dt = 8, 3, 4, 6
+    encoded = torch.randn(2, t, denc, generator=g)
+    encoded[0] *= spread  # clip 0: the teacher's features vary by `spread` around a large offset
+    encoded[1] *= 5.0  # clip 1: a much larger second moment, far from constant
+    weight, bias = torch.randn(dt, denc, generator=g), torch.full((dt,), 2.0)
+    student = torch.randn(2, t, ds, generator=g)
+    w = 0.3 + torch.rand(2, t, generator=g)
+    mask = torch.ones(2, t, dtype=torch.bool)
+    teacher = (encoded.double() @ weight.double().T + bias.double()).numpy()
+    ratio = _variance_ratio(teacher[0], w[0].numpy())
+    assert 1e-4 < ratio and _variance_ratio(teacher[1], w[1].numpy()) > 2 * ratio
+    expected = [_ref_cka(student[b].numpy(), teacher[b], w[b].numpy(), "biased") for b in range(2)]
+    below = _cka(route, student, encoded, weight, bias, w, mask, "biased", eps=0.9 * ratio)
+    above = _cka(route, student, encoded, weight, bias, w, mask, "biased", eps=1.1 * ratio)
+    np.testing.assert_allclose(below.numpy(), expected, rtol=0, atol=2e-4)
+    assert above[0] == 0
+    np.testing.assert_allclose(above[1].item(), expected[1], rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_short_clips(route: str) -> None:
+    """Biased CKA is defined from 2 real steps on (float64 value); the debiased one needs 4 steps of
+    positive weight and is 0 with fewer, or when all but 3 weights are lost in float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    t, ds, denc, dt = 6, 3, 4, 5
+    student, encoded = torch.randn(3, t, ds, generator=g), torch.randn(3, t, denc, generator=g)
+    weight = torch.randn(dt, denc, generator=g)
+    w = 0.5 + torch.rand(3, t, generator=g)
+    mask = torch.zeros(3, t, dtype=torch.bool)
+    mask[0, :2], mask[1, :3], mask[2, :] = True, True, True
+    w[2, 3:] = 1e-9  # clip 2: 6 positive weights, 3 of them ~1e-9 of the others
+    teacher = (encoded @ weight.T).numpy()
+    biased = _cka(route, student, encoded, weight, None, w, mask, "biased")
+    expected = [_ref_cka(student[b, mask[b]].numpy(), teacher[b, mask[b]], w[b, mask[b]].numpy(), "biased")
+                for b in range(3)]
+    np.testing.assert_allclose(biased.numpy(), expected, rtol=0, atol=1e-5)
+    assert all(abs(e) > 0.05 for e in expected)
+    assert _cka(route, student, encoded, weight, None, w, mask, "debiased").tolist() == [0.0, 0.0, 0.0]
+
+
+def test_teacher_of_keeps_the_bias_for_the_constant_teacher_check() -> None:
+    """A teacher whose projector barely varies (W ~ 1e-6, b ~ 1) is constant: CKA 0 in encoder space as
+    on its full features, so Teacher.of must build its factor from [W | b]."""
+    g = torch.Generator().manual_seed(4)
+    student, encoded = torch.randn(2, 6, 3, generator=g), torch.randn(2, 6, 4, generator=g)
+    weight, bias = 1e-6 * torch.randn(5, 4, generator=g), 1.0 + torch.rand(5, generator=g)
+    w = torch.rand(2, 6, generator=g)
+    assert aw_cka(student, encoded @ weight.T + bias, w).tolist() == [0.0, 0.0]
+    teacher = Teacher.of(weight, bias, 2.0)
+    assert aw_cka_encoded(student, encoded, teacher.factor, w).tolist() == [0.0, 0.0]
+
+
+def test_teacher_to_moves_every_field() -> None:
+    weight, bias = torch.randn(5, 4), torch.randn(5)
+    teacher = Teacher.of(weight, bias, 2.0, "debiased")
+    moved = teacher.to(torch.device("meta"))
+    assert all(getattr(moved, k).device.type == "meta" for k in ("weight", "bias", "factor"))
+    assert [tuple(getattr(moved, k).shape) for k in ("weight", "bias", "factor")] == [(5, 4), (5,), (5, 5)]
+    assert (moved.temperature, moved.estimator) == (2.0, "debiased")
+
+
+# ---------------------------------------------------------------------------------------------------- KL
+
+
+def _ref_kl(student: np.ndarray, teacher: np.ndarray, temperature: float) -> np.ndarray:
+    """Per-position T^2 KL(p || q) in float64 with 0 log 0 = 0 (teacher logits may be -inf)."""
+    def log_softmax(x):
+        x = x.astype(np.float64) / temperature
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(teacher), log_softmax(student)
+    p = np.exp(lp)
+    terms = np.where(p > 0, p * (np.where(p > 0, lp, 0) - lq), 0.0)
+    return terms.sum(-1) * temperature**2
+
+
+def test_kl_defaults_to_temperature_one_and_averages_each_clips_positions() -> None:
+    g = torch.Generator().manual_seed(5)
+    student, teacher = 2 * torch.randn(3, 4, 9, generator=g), 2 * torch.randn(3, 4, 9, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)  # 3, 1 and 0 positions
+    per_position = _ref_kl(student.numpy(), teacher.numpy(), 1.0)
+    expected = [per_position[0, :3].mean(), per_position[1, 2], 0.0]
+    np.testing.assert_allclose(full_kl(student, teacher, mask).numpy(), expected, rtol=1e-5, atol=1e-6)
+    ids, logprobs = topk_logprobs(teacher, 9)  # all ids: the bucketed KL is the full one
+    log_p = torch.log_softmax(teacher.double(), -1)
+    torch.testing.assert_close(logprobs.double(), log_p.gather(-1, ids), rtol=0, atol=1e-6)
+    assert torch.equal(ids, log_p.argsort(-1, descending=True))
+    np.testing.assert_allclose(bucketed_kl(student, ids, logprobs, mask).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_the_teacher_rules_out_count_zero() -> None:
+    """Teacher logits of -inf (probability exactly 0) add nothing to the KL, dense or bucketed."""
+    g = torch.Generator().manual_seed(6)
+    student, teacher = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    teacher[..., 4:] = float("-inf")
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    expected = _ref_kl(student.numpy(), teacher.numpy(), 2.0).mean(-1)
+    np.testing.assert_allclose(full_kl(student, teacher, mask, 2.0).numpy(), expected, rtol=1e-5, atol=1e-6)
+    ids, logprobs = topk_logprobs(teacher, 6, 2.0)
+    assert torch.isinf(logprobs).any()
+    bucketed = bucketed_kl(student, ids, logprobs, mask, 2.0)
+    np.testing.assert_allclose(bucketed.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_with_all_its_mass_outside_the_student_vocabulary_gives_zero() -> None:
+    """Student vocabulary 0..3; the teacher puts all its mass on ids 4 and 5: nothing to match, KL 0."""
+    teacher = torch.tensor([[[float("-inf")] * 4 + [0.3, -0.2]]])
+    ids, logprobs = topk_logprobs(teacher, 6)
+    out = bucketed_kl(torch.randn(1, 1, 4), ids, logprobs, torch.ones(1, 1, dtype=torch.bool))
+    assert out.tolist() == [0.0]
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+PROMPT = PromptLayout(prefix=(1, 2), suffix=(3,), labels=("Happy", "Sad"), answers=((10, 99), (11, 12, 99)),
+                      audio_token_id=5, pad_id=77, text="")
+
+
+def _item(index: int, steps: int, label: str, g: torch.Generator, k: int = 2) -> dict:
+    answer = {"Happy": [10, 99], "Sad": [11, 12, 99]}[label]
+    ids = torch.tensor([1, 2] + [5] * steps + [3] + answer)
+    z = torch.randn(steps, 2, generator=g)
+    return {"index": index, "label": label, "input_ids": ids, "encoded": torch.randn(steps, 4, generator=g),
+            "attention": torch.rand(steps, generator=g), "gram": z @ z.T, "teacher_norm": torch.rand((), generator=g),
+            "topk_ids": torch.randint(0, 100, (len(ids) - 1, k), generator=g),
+            "topk_logprobs": torch.randn(len(ids) - 1, k, generator=g)}
+
+
+def test_collate_pads_each_field_and_marks_the_answer_positions() -> None:
+    g = torch.Generator().manual_seed(7)
+    items = [_item(4, 3, "Sad", g), _item(9, 5, "Happy", g)]  # 9 and 10 tokens; answers of 3 and 2 tokens
+    batch = TargetCollate(PROMPT)(items)
+    assert batch["index"].tolist() == [4, 9] and batch["labels"] == ["Sad", "Happy"]
+    assert batch["lengths"].tolist() == [3, 5]
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+    assert batch["input_ids"].tolist() == [items[0]["input_ids"].tolist() + [77], items[1]["input_ids"].tolist()]
+    assert batch["attention_mask"].tolist() == [[1] * 9 + [0], [1] * 10]
+    # position p is marked when the token at p + 1 is an answer token (label tokens and end of turn)
+    assert batch["answer_mask"].tolist() == [[p in (5, 6, 7) for p in range(10)], [p in (7, 8) for p in range(10)]]
+    assert batch["kl_mask"].tolist() == [[p < 8 for p in range(9)], [True] * 9]
+    for key, steps in (("encoded", 5), ("attention", 5)):
+        expected = torch.zeros(2, steps, *items[0][key].shape[1:])
+        expected[0, :3], expected[1] = items[0][key], items[1][key]
+        assert torch.equal(batch[key], expected)
+    gram = torch.zeros(2, 5, 5)
+    gram[0, :3, :3], gram[1] = items[0]["gram"], items[1]["gram"]
+    assert torch.equal(batch["gram"], gram)
+    for key in ("topk_ids", "topk_logprobs"):
+        expected = torch.zeros(2, 9, 2, dtype=items[0][key].dtype)
+        expected[0, :8], expected[1] = items[0][key], items[1][key]
+        assert torch.equal(batch[key], expected)
+    assert torch.equal(batch["teacher_norm"], torch.stack([items[0]["teacher_norm"], items[1]["teacher_norm"]]))
+
+
+def test_collate_a_batch_of_one_and_rows_without_optional_columns() -> None:
+    g = torch.Generator().manual_seed(8)
+    item = _item(0, 4, "Happy", g)
+    batch = TargetCollate(PROMPT)([item])
+    assert set(batch) == {"index", "labels", "encoded", "lengths", "input_ids", "attention_mask", "answer_mask",
+                          "kl_mask", "teacher_norm", "attention", "gram", "topk_ids", "topk_logprobs"}
+    assert torch.equal(batch["gram"][0], item["gram"]) and torch.equal(batch["topk_ids"][0], item["topk_ids"])
+    plain = {k: item[k] for k in ("index", "label", "input_ids", "encoded")}
+    assert set(TargetCollate(PROMPT)([plain])) == {"index", "labels", "encoded", "lengths", "input_ids",
+                                                  "attention_mask", "answer_mask", "kl_mask"}
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+LABELS = ("Sad", "Happy", "Angry", "Neutral")  # not in alphabetical order
+
+
+def test_classification_metrics_by_hand() -> None:
+    """Sad 1 of 2 right, Happy 1 of 2 (one unmatched answer), Angry 0 of 2 and never predicted, Neutral
+    absent from the truth but predicted once: scores over the three classes present."""
+    truth = ["Sad", "Sad", "Happy", "Happy", "Angry", "Angry"]
+    predicted = ["Sad", "Happy", "Happy", UNMATCHED, "Sad", "Neutral"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class never predicted scores 0 without complaint
+        m = classification_metrics(truth, predicted, LABELS)
+    f1 = {"Sad": 2 * 0.5 * 0.5 / (0.5 + 0.5), "Happy": 2 * 0.5 * 0.5 / (0.5 + 0.5), "Angry": 0.0}
+    assert m["wa"] == pytest.approx(2 / 6) and m["ua"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert m["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
+    assert m["recall"] == {"Sad": 0.5, "Happy": 0.5, "Angry": 0.0} and list(m["recall"]) == ["Sad", "Happy", "Angry"]
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0]]  # rows true, columns predicted
+    assert (m["n"], m["unmatched"]) == (6, 1)
+    assert headline(m) == {"wa": 0.333333, "ua": 0.333333, "macro_f1": 0.333333}
+    assert headline({"wa": 0.12345678, "ua": 2 / 3, "macro_f1": 1.0, "n": 3}) == {"wa": 0.123457, "ua": 0.666667,
+                                                                                  "macro_f1": 1.0}
+
+
+def test_ua_counts_a_class_with_a_single_clip() -> None:
+    # a: 1 of 2 right and b (one clip) right -> 0.75; against a 2 of 2, b 0 of 1 -> 0.5
+    result = paired_comparison(["a", "a", "b"], ["a", "b", "b"], ["a", "a", "a"], n_boot=50, n_perm=50)
+    assert result["diff"] == pytest.approx(0.75 - 0.5)
+    assert (result["n"], result["clusters"]) == (3, 3)  # no clusters: every clip its own
+
+
+def test_bootstrap_intervals_by_hand() -> None:
+    # two clips, one right (class a) and one wrong (class b): clip resamples give UA 1, 0 or 1/2, each
+    # extreme a quarter of the time
+    assert cluster_bootstrap_ua(["a", "b"], ["a", "a"]) == (0.0, 1.0)
+    assert cluster_bootstrap_ua(["a", "b", "a", "b"], ["a", "b", "a", "b"], ["s", "s", "t", "t"]) == (1.0, 1.0)
+    # three speakers with both classes, s1 always wrong: three s1 draws (1/27 > 2.5%) give UA 0, none give 1
+    truth, speakers = ["a", "b"] * 6, ["s0"] * 4 + ["s1"] * 4 + ["s2"] * 4
+    predicted = [t if s != "s1" else ("b" if t == "a" else "a") for t, s in zip(truth, speakers)]
+    assert cluster_bootstrap_ua(truth, predicted, speakers, seed=0) == (0.0, 1.0)
+    # a class that only one of three speakers has drops out of the resamples that miss that speaker
+    lo, hi = cluster_bootstrap_ua(["a", "a", "a", "b", "a", "a"], ["a", "b", "a", "a", "a", "a"],
+                                  ["s0", "s0", "s1", "s1", "s2", "s2"])
+    assert 0.0 <= lo <= 0.5 and hi == 1.0
+
+
+def _speaker_data(seed: int, n: int = 120, speakers: int = 12):
+    rng = np.random.default_rng(seed)
+    truth = list(rng.choice(["a", "b", "c"], n))
+    who = [f"s{i % speakers}" for i in range(n)]
+    a = [t if rng.random() < 0.7 else "a" for t in truth]
+    b = [t if rng.random() < 0.5 else "b" for t in truth]
+    return truth, who, a, b
+
+
+def _ua_by_sklearn(truth, predicted) -> float:
+    return recall_score(truth, predicted, labels=sorted(set(truth)), average="macro", zero_division=0)
+
+
+def _ua_by_hand(truth: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)]))
+
+
+def _speaker_resamples(speakers, n: int, rng: np.random.Generator):
+    """The documented resampling: whole speakers drawn with replacement, numpy's default_rng(seed)."""
+    groups = [np.flatnonzero(np.asarray(speakers) == s) for s in sorted(set(speakers))]
+    return [np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))]) for _ in range(n)]
+
+
+def test_the_intervals_are_the_2_5_and_97_5_percentiles_of_speaker_resamples() -> None:
+    """The documented procedure re-done by hand: 2000 speaker resamples from default_rng(0), UA of each."""
+    truth, who, a, b = _speaker_data(0)
+    t, pa, pb = np.asarray(truth), np.asarray(a), np.asarray(b)
+    values = [_ua_by_hand(t[i], pa[i]) for i in _speaker_resamples(who, 2000, np.random.default_rng(0))]
+    assert cluster_bootstrap_ua(truth, a, who) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])))
+    diffs = [_ua_by_hand(t[i], pa[i]) - _ua_by_hand(t[i], pb[i])
+             for i in _speaker_resamples(who, 2000, np.random.default_rng(0))]
+    result = paired_comparison(truth, a, b, who)
+    assert result["ci95"] == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert result["diff"] == pytest.approx(_ua_by_sklearn(truth, a) - _ua_by_sklearn(truth, b))
+    assert result["clusters"] == 12
+    # seeded: the same seed gives the same numbers, run after run
+    assert cluster_bootstrap_ua(truth, a, who, seed=5) == cluster_bootstrap_ua(truth, a, who, seed=5)
+    assert paired_comparison(truth, a, b, who, seed=5) == paired_comparison(truth, a, b, who, seed=5)
+
+
+def test_the_sign_flip_p_value_matches_exact_enumeration() -> None:
+    """Six clips, two classes: the exact p of the paired sign-flip test over all 2^6 swaps (UA by sklearn);
+    the Monte-Carlo p (5000 flips) lies within 4 standard errors of it."""
+    truth = ["a", "a", "a", "b", "b", "b"]
+    a = ["a", "a", "a", "b", "b", "a"]
+    b = ["b", "a", "b", "a", "b", "a"]
+    d = _ua_by_sklearn(truth, a) - _ua_by_sklearn(truth, b)
+    extreme = 0
+    for flips in itertools.product([False, True], repeat=6):
+        x = [bi if f else ai for f, ai, bi in zip(flips, a, b)]
+        y = [ai if f else bi for f, ai, bi in zip(flips, a, b)]
+        extreme += abs(_ua_by_sklearn(truth, x) - _ua_by_sklearn(truth, y)) >= abs(d) - 1e-12
+    exact = extreme / 64
+    result = paired_comparison(truth, a, b, seed=3)
+    assert 0.1 < exact < 0.9 and abs(result["p"] - exact) < 4 * np.sqrt(exact * (1 - exact) / 5000)
+
+
+# -------------------------------------------------------------------------------------------- report
+
+
+def test_mean_and_sample_sd() -> None:
+    assert _mean_sd([0.5]) == "0.500"
+    assert _mean_sd([0.2, 0.4]) == f"0.300 ± {np.sqrt(0.02):.3f}"  # (0.1^2 + 0.1^2) / (2 - 1)
+    assert _mean_sd([0.1, 0.2, 0.6]) == f"0.300 ± {np.sqrt((0.04 + 0.01 + 0.09) / 2):.3f}"
+
+
+def _cells(page: str, tag: str) -> list[str]:
+    return [unescape(c) for c in re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)]
+
+
+def test_table_cells_come_back_as_written() -> None:
+    """Rendered by markdown-it-py, every header and cell reads as its value: pipes, backslashes before
+    pipes and line breaks (shown as a space) stay inside their cell."""
+    page = render_html("\n".join(table([["a\\|b", "x\ny", 3]], ["h|1", "back\\slash", "n"])), Path("."))
+    assert _cells(page, "th") == ["h|1", "back\\slash", "n"]
+    assert _cells(page, "td") == ["a\\|b", "x y", "3"]
+
+
+def _write_outputs(layout: Layout, fold: int, name: str, frame: pd.DataFrame, details: dict) -> None:
+    path = layout.predictions("d", fold, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False)
+    layout.details("d", fold, name).write_text(json.dumps(details))
+
+
+def _run_frame(fold: int, speakers: list[str], right: list[bool]) -> pd.DataFrame:
+    labels = ["Happy", "Sad"] * (len(right) // 2)
+    predicted = [label if r else ("Sad" if label == "Happy" else "Happy") for label, r in zip(labels, right)]
+    return pd.DataFrame({"id": [f"{fold}-{i}" for i in range(len(right))], "speaker": speakers, "label": labels,
+                         "prediction": predicted})
+
+
+def test_collect_keeps_runs_folds_seeds_and_speaker_ids(tmp_path) -> None:
+    layout = Layout(metrics_root=tmp_path)
+    runs = [(1, 3, "s-3"), (2, 4, "s-4")]
+    for fold, seed, name in runs:  # speaker ids "07" and "7" are two speakers
+        _write_outputs(layout, fold, name, _run_frame(fold, ["07", "07", "7", "7"], [True, False, True, True]),
+                       {"ua": 0.1 * fold})
+    found = _collect(layout, "d", "x", runs)
+    assert found.runs == runs and [d["ua"] for d in found.details] == [0.1, 0.2]
+    p = found.predictions
+    assert p["fold"].tolist() == [1] * 4 + [2] * 4 and p["seed"].tolist() == [3] * 4 + [4] * 4
+    assert p["speaker"].tolist() == ["07", "07", "7", "7"] * 2
+    assert paired_comparison(p["label"], p["prediction"], p["label"], p["speaker"], n_boot=20, n_perm=20)[
+        "clusters"] == 2
+    layout.predictions("d", 2, "s-4").unlink()
+    with pytest.raises(PldistillError, match="s-4-predictions.csv"):
+        _collect(layout, "d", "x", runs)
+    with pytest.raises(PldistillError, match="nothing-details.json"):
+        _load(layout.details("d", 1, "nothing"))
+
+
+@pytest.mark.parametrize("folds", [[1], [1, 2]])
+def test_references_are_one_run_per_reference(tmp_path, folds) -> None:
+    layout = Layout(metrics_root=tmp_path)
+    for fold in folds:
+        frame = _run_frame(fold, ["01", "01", "02", "02"], [True] * 4)
+        frame = frame.rename(columns={"prediction": "length"}).assign(prosody=["Sad"] * 4)
+        _write_outputs(layout, fold, "references", frame, {"length": {"ua": fold / 10}, "prosody": {"ua": 0.5}})
+    found = _references(layout, "d", folds)
+    assert set(found) == {"length", "prosody"}
+    for name, runs in found.items():
+        assert runs.name == f"reference: {name}"
+        assert runs.runs == [(f, None, "references") for f in folds]
+        assert runs.details == [{"ua": f / 10} if name == "length" else {"ua": 0.5} for f in folds]
+        p = runs.predictions
+        assert p["fold"].tolist() == [f for f in folds for _ in range(4)] and p["seed"].isna().all()
+        assert p["speaker"].tolist() == ["01", "01", "02", "02"] * len(folds)
+        expected = ["Happy", "Sad"] * 2 if name == "length" else ["Sad"] * 4
+        assert p["prediction"].tolist() == expected * len(folds)
+
+
+def test_summary_row_sizes_and_speaker_interval() -> None:
+    # speaker s0 always right, s1 always wrong: speaker resamples give UA 0 to 1
+    frame = _run_frame(1, ["s0"] * 4 + ["s1"] * 4, [True] * 4 + [False] * 4).assign(fold=1, seed=None)
+    runs = Runs("m", [(1, None, "m")], [{"wa": 0.5, "ua": 0.5, "macro_f1": 0.25}], frame)
+    row = _summary_row(runs, ("Happy", "Sad"), seed=0, teacher_params=None)
+    assert row == ["m", "-", "-", "0.500", "0.500", "0.250", "0.500 [0.000, 1.000]", 1, 0]
+    sized = Runs("m", runs.runs, [{**runs.details[0], "parameters": 2000}], frame)
+    assert _summary_row(sized, ("Happy", "Sad"), 0, 5000)[1:3] == ["2,000", "2.5x"]
+    assert _summary_row(sized, ("Happy", "Sad"), 0, None)[1:3] == ["-", "-"]
+    # with the report's seed: the interval of that seed's speaker resamples
+    truth, who, a, _ = _speaker_data(1)
+    frame = pd.DataFrame({"label": truth, "prediction": a, "speaker": who})
+    interval = _summary_row(Runs("m", [], [{"wa": 0, "ua": 0, "macro_f1": 0}], frame), ("a", "b", "c"), 7, None)[6]
+    lo, hi = cluster_bootstrap_ua(truth, a, who, seed=7)
+    assert interval.endswith(f"[{lo:.3f}, {hi:.3f}]")
+
+
+def test_paired_rows_use_the_reports_seed() -> None:
+    truth, who, a, b = _speaker_data(2)
+    frame = pd.DataFrame({"fold": 1, "seed": 1, "id": range(len(truth)), "speaker": who, "label": truth})
+    student, base = Runs("x", [], [], frame.assign(prediction=a)), Runs("ce", [], [], frame.assign(prediction=b))
+    assert _paired(student, base, seed=7) == paired_comparison(truth, a, b, who, seed=7)
+
+
+@pytest.mark.parametrize("result,verdict", [
+    ({"p": 0.01, "ci95": (0.02, 0.3), "diff": 0.1}, "significant (better)"),
+    ({"p": 0.01, "ci95": (-0.3, -0.02), "diff": -0.1}, "significant (worse)"),
+    ({"p": 0.01, "ci95": (0.5, 0.9), "diff": 0.7}, "significant (better)"),
+    ({"p": 0.01, "ci95": (-0.9, -0.5), "diff": -0.7}, "significant (worse)"),
+    ({"p": 0.01, "ci95": (-0.1, 0.3), "diff": 0.1}, "not significant"),  # the interval holds 0
+    ({"p": 0.01, "ci95": (0.0, 0.3), "diff": 0.1}, "not significant"),
+    ({"p": 0.01, "ci95": (-0.3, 0.0), "diff": -0.1}, "not significant"),
+    ({"p": 0.05, "ci95": (0.02, 0.3), "diff": 0.1}, "not significant"),  # p must be below 5%
+    ({"p": 0.2, "ci95": (-0.3, -0.02), "diff": -0.1}, "not significant"),
+])
+def test_verdict_needs_both_the_p_value_and_the_interval(result, verdict) -> None:
+    assert _verdict(result) == verdict
+
+
+def _history(cka, grads, ce=0.5, kl=None) -> list[dict]:
+    """One run's history: epoch 0 then epochs 1.. with probe_cka, grad_* and (from epoch 1) ce / kl."""
+    rows = []
+    for epoch, (c, g) in enumerate(zip(cka, grads)):
+        row = {"epoch": epoch, **dict(zip(("grad_ce", "grad_projector", "grad_kl"), g))}
+        row.update({"probe_cka": c} if c is not None else {})
+        row.update({"ce": ce, **({"kl": kl} if kl is not None else {})} if epoch else {})
+        rows.append(row)
+    return rows
+
+
+def test_diagnostics_rows_are_means_over_runs() -> None:
+    runs = [_history([0.6, 0.7], [(2.0, 0.4, 0.2), (0.5, 0.1, 0.05)], ce=0.4, kl=0.3),
+            _history([0.8, 0.9], [(2.0, 0.8, 0.6), (0.5, 0.3, 0.15)], ce=0.6, kl=0.5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # terms a method lacks are "-", without numpy warnings
+        rows, notes = diagnostics({"pl-distill": runs, "ce": [_history([None, None], [(1.0,), (1.0,)])]},
+                                  attention_share=0.5, confidence=0.5)
+    # projector grad / CE grad: (0.4/2 + 0.8/2) / 2 -> (0.1/0.5 + 0.3/0.5) / 2; KL: (0.1 + 0.3) / 2 -> (0.1 + 0.3) / 2
+    assert rows[0] == ["pl-distill", "0.500", "0.7000", "0.8000", "0.4000", "0.30 → 0.40", "0.20 → 0.20"]
+    assert rows[1][:5] == ["ce", "0.500", "-", "-", "-"] and rows[1][6] == "- → -"
+    assert notes == []
+
+
+def test_diagnostics_notes_at_their_thresholds() -> None:
+    def notes(cka, grads, kl, share=0.5, confidence=0.5):
+        return " ".join(diagnostics({"m": [_history(cka, grads, kl=kl)]}, share, confidence)[1])
+
+    alive = [(1.0, 0.5, 0.5), (1.0, 0.5, 0.5), (1.0, 0.5, 0.5)]
+    assert notes([0.6, 0.7, 0.8], alive, kl=0.3) == ""
+    assert "nearly uniform" in notes([0.6, 0.7], alive[:2], kl=0.3, share=0.95)
+    assert "confident" in notes([0.6, 0.7], alive[:2], kl=0.3, confidence=0.9)
+    assert notes([0.6, 0.7], alive[:2], kl=0.3, share=0.94, confidence=0.89) == ""
+    # CKA at or above 0.99 at initialisation and after the first epoch: inert
+    assert "1 - CKA is below 0.01 and the projector term is inert" in notes([0.99, 0.995, 0.5], alive, kl=0.3)
+    assert "inert" not in notes([0.995, 0.8, 0.995], alive, kl=0.3)  # the first epoch moved it
+    # a projector gradient below 5% of CE's, before and after: barely moves the student
+    assert "barely moves" in notes([0.6, 0.7], [(1.0, 0.04, 0.5), (1.0, 0.01, 0.5)], kl=0.3)
+    assert "barely moves" not in notes([0.6, 0.7], [(1.0, 0.05, 0.5), (1.0, 0.01, 0.5)], kl=0.3)
+    # KL: below 0.01 at the end, or its gradient below 5% of CE's throughout
+    assert "KL term is near zero" in notes([0.6, 0.7], alive[:2], kl=0.009)
+    assert "KL term is near zero" not in notes([0.6, 0.7], alive[:2], kl=0.01)
+    assert "KL term is near zero" in notes([0.6, 0.7], [(1.0, 0.5, 0.04), (1.0, 0.5, 0.01)], kl=0.3)
+    assert "KL term is near zero" not in notes([0.6, 0.7], [(1.0, 0.5, 0.05), (1.0, 0.5, 0.01)], kl=0.3)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _rank(n: int, k: int) -> SimpleNamespace:
+    return SimpleNamespace(num_processes=n, process_index=k)
+
+
+@pytest.mark.parametrize("n,accum,per", [(1, 1, 11), (2, 1, 5), (2, 2, 4), (3, 2, 2), (2, 3, 3)])
+def test_shard_gives_every_process_the_same_whole_accumulation_groups(n: int, accum: int, per: int) -> None:
+    """11 batches: floor(11 / n / accum) groups of accum batches each, every n-th batch from the rank on."""
+    batches = [[i] for i in range(11)]
+    shares = [shard(batches, _rank(n, k), accum) if accum > 1 else shard(batches, _rank(n, k)) for k in range(n)]
+    assert shares == [[batches[k + n * i] for i in range(per)] for k in range(n)]
+    assert 11 - n * per < n * accum  # fewer than processes x grad_accum dropped
+
+
+def test_shard_too_few_batches_is_an_error() -> None:
+    with pytest.raises(PldistillError, match="3 batches per epoch cannot feed 2 process.*grad_accum 2"):
+        shard([[0], [1], [2]], _rank(2, 0), 2)
+
+
+def test_sharded_predictions(monkeypatch) -> None:
+    asked = []
+
+    def predict(rows):
+        asked.append(rows)
+        return [f"p{i}" for i in rows]
+
+    assert sharded_predictions(5, predict, _rank(1, 0)) == [f"p{i}" for i in range(5)] and asked == [[0, 1, 2, 3, 4]]
+    # rank 1 of 2 predicts items 1 and 3; the gather brings rank 0's pairs (faked here: one process only)
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda pairs: [(4, "p4"), (0, "p0"), (2, "p2"), *pairs])
+    asked.clear()
+    assert sharded_predictions(5, predict, _rank(2, 1)) == [f"p{i}" for i in range(5)] and asked == [[1, 3]]
+
+
+@pytest.mark.parametrize("n,size,seed", [(10, 3, 0), (8, 4, 5), (5, 8, 2)])
+def test_shuffled_batches_are_those_of_a_seeded_random_sampler(n: int, size: int, seed: int) -> None:
+    sampler = torch.utils.data.RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+    assert shuffled_batches(n, size, seed) == list(torch.utils.data.BatchSampler(sampler, size, drop_last=False))
+
+
+def test_seed_everything_seeds_python_numpy_and_torch() -> None:
+    draws = []
+    for seed in (11, 11, 12):
+        seed_everything(seed)
+        draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))
+    assert draws[0] == draws[1] and all(a != b for a, b in zip(draws[0], draws[2]))
+
+
+def test_finish_work_removes_the_work_folder(tmp_path) -> None:
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    (tmp_path / "work" / "sub" / "state.pt").write_text("x")
+    finish_work(tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+    finish_work(tmp_path / "work")  # already gone: nothing to do
+
+
+def test_resolve_device(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(PldistillError, match="cuda"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the device objects need no GPU
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: the GPU of this process's local rank
+    assert resolve_device("cuda") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_start_processes_checks_the_expected_number() -> None:
+    assert start_processes(torch.device("cpu")).num_processes == 1
+    assert start_processes(torch.device("cpu"), 1).num_processes == 1
+    with pytest.raises(PldistillError, match="world_size is 2 but 1 process"):
+        start_processes(torch.device("cpu"), 2)
+
+
+def test_autocast_is_bf16_on_cuda_only() -> None:
+    with autocast(torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no GPU here: torch disables it, but keeps its settings
+        cuda = autocast(torch.device("cuda"))
+    assert isinstance(cuda, torch.autocast) and (cuda.device, cuda.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+DATA = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
+TARGET = DATA.sum(1, keepdim=True)
+
+
+def _toy(frozen: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    if frozen:
+        model[0].requires_grad_(False)
+    return model
+
+
+def _epoch_batches(n_batches: int, epoch: int) -> list[torch.Tensor]:
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(100 + epoch))
+    return list(order[: 4 * n_batches].split(4))
+
+
+def reference_probe(model) -> torch.Tensor:
+    return next(model.parameters()).detach().sum()
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("accum,n_batches,epochs,warmup,scale,max_norm", [
+    (3, 6, 3, 2, 1e-7, 1.0),  # gradients of the size of Adam's eps: the 1 / grad_accum shows
+    (2, 4, 2, 0, 1.0, 0.05),  # the clipping bites
+    (1, 1, 3, 1, 1.0, 10.0),  # one batch per epoch
+])
+def test_the_loop_is_adamw_with_a_cosine_schedule_accumulation_and_clipping(tmp_path, accum, n_batches, epochs,
+                                                                            warmup, scale, max_norm) -> None:
+    """The weights after training and the per-epoch history equal those of the documented loop written
+    out here: AdamW; linear warmup then cosine decay over epochs x batches / grad_accum updates; each
+    batch's loss / grad_accum summed over its group, clipped, one update per group."""
+    lr, decay = 0.05, 0.1
+
+    def loss_of(model, idx):
+        return scale * (model(DATA[idx]) - TARGET[idx]).square().mean()
+
+    reference = _toy()
+    params = list(reference.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    total = epochs * n_batches // accum
+
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    probes = [float(params[0].detach().sum())]
+    for epoch in range(epochs):
+        for i, idx in enumerate(_epoch_batches(n_batches, epoch)):
+            (loss_of(reference, idx) / accum).backward()
+            if (i + 1) % accum == 0:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+        probes.append(float(params[0].detach().sum()))
+
+    model, seen = _toy(), {}
+
+    def terms(idx):
+        loss = loss_of(model, idx)
+        seen.setdefault(len(seen_epochs), []).append((float(loss.detach()), float(idx.sum())))
+        return {"loss": loss, "batch_sum": idx.sum().float()}
+
+    seen_epochs = []
+
+    def batches(epoch):
+        seen_epochs.append(epoch)
+        return _epoch_batches(n_batches, epoch)
+
+    settings = LoopSettings(epochs, lr, decay, max_norm, accum, warmup)
+    result = train_with_validation(TrainingStep({"m": model}, terms), batches, None, settings, n_batches, tmp_path,
+                                   "fp", "test", diagnose=lambda: {"probe": float(reference_probe(model))})
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert result.best_epoch == epochs  # no validation: the last epoch is kept
+    assert result.history[0] == {"epoch": 0, "probe": pytest.approx(probes[0])}
+    for epoch, record in enumerate(result.history[1:], start=1):
+        losses, sums = zip(*seen[epoch])
+        assert record == {"epoch": epoch, "loss": pytest.approx(np.mean(losses)), "batch_sum": pytest.approx(
+            np.mean(sums)), "validation_ua": epoch - 1.0, "updates": n_batches // accum,
+            "probe": pytest.approx(probes[epoch], rel=1e-5, abs=1e-6)}
+
+
+def _scored_run(work, scores, patience=0, frozen=False, fail_at=None, snapshots=None):
+    """Train a toy model 4 batches an epoch, validation scores given per epoch; returns (model, result)."""
+    model = _toy(frozen)
+    current = []
+
+    def batches(epoch):
+        if epoch == fail_at:
+            raise KeyboardInterrupt
+        current.append(epoch)
+        return _epoch_batches(4, epoch)
+
+    def validate():
+        if snapshots is not None:
+            snapshots[current[-1] + 1] = _snapshot(model)
+        return scores[current[-1]]
+
+    step = TrainingStep({"m": model}, lambda idx: {"loss": (model(DATA[idx]) - TARGET[idx]).square().mean()})
+    settings = LoopSettings(len(scores), 0.05, 0.0, 1.0, patience=patience)
+    return model, train_with_validation(step, batches, validate, settings, 4, work, "fp", "test")
+
+
+def test_the_earliest_of_equal_best_scores_is_kept_and_frozen_layers_stay(tmp_path) -> None:
+    snapshots = {}
+    initial = _toy(frozen=True)[0].weight.clone()
+    model, result = _scored_run(tmp_path, [0.4, 0.6, 0.6, 0.1], frozen=True, snapshots=snapshots)
+    assert (result.best_epoch, result.best_score) == (2, 0.6)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[2][name], rtol=0, atol=0)
+    assert torch.equal(model[0].weight, initial)
+
+
+@pytest.mark.parametrize("patience,epochs_run,best", [(0, 6, 3), (1, 2, 1), (2, 5, 3), (3, 6, 3)])
+def test_patience_stops_after_that_many_epochs_without_a_better_score(tmp_path, patience, epochs_run, best) -> None:
+    snapshots = {}
+    model, result = _scored_run(tmp_path, [0.5, 0.4, 0.6, 0.3, 0.2, 0.1], patience, snapshots=snapshots)
+    assert [r["epoch"] for r in result.history] == list(range(1, epochs_run + 1))
+    assert result.best_epoch == best
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[best][name], rtol=0, atol=0)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_where(tmp_path) -> None:
+    model = _toy()
+    calls = []
+
+    def terms(idx):
+        calls.append(1)
+        loss = (model(DATA[idx]) - TARGET[idx]).square().mean()
+        return {"loss": loss * float("nan") if len(calls) == 7 else loss, "ce": torch.tensor(1.5)}
+
+    settings = LoopSettings(3, 0.05, 0.0, 1.0)
+    with pytest.raises(PldistillError, match=r"epoch 2, step 3 \(loss nan, ce 1\.5\)"):
+        train_with_validation(TrainingStep({"m": model}, terms), lambda e: _epoch_batches(4, e), lambda: 0.0, settings,
+                              4, tmp_path, "fp", "test")
+
+
+def test_a_resumed_run_keeps_the_best_epoch_it_had(tmp_path) -> None:
+    snapshots = {}
+    scores = [0.9, 0.1, 0.1, 0.1]
+    with pytest.raises(KeyboardInterrupt):
+        _scored_run(tmp_path, scores, frozen=True, fail_at=2, snapshots=snapshots)
+    model, result = _scored_run(tmp_path, scores, frozen=True)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert (result.best_epoch, result.best_score) == (1, 0.9)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[1][name], rtol=0, atol=0)
+
+
+class Planted:
+    """Not a tensor: a state file holding it is not one this code wrote."""
+
+
+def test_a_planted_or_mismatched_state_starts_afresh(tmp_path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        _scored_run(tmp_path, [0.1, 0.2, 0.3], fail_at=2)
+    progress = json.loads((tmp_path / "state.json").read_text())
+    assert progress["epoch"] == 1
+    (tmp_path / "state.json").write_text(json.dumps({**progress, "epoch": 0}))  # names another epoch than state.pt
+    _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]  # all three trained again
+    torch.save({"epoch": 1, "planted": Planted()}, tmp_path / "state.pt")  # would need unpickling code
+    (tmp_path / "state.json").write_text(json.dumps(progress))
+    _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
