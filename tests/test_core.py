@@ -115,22 +115,24 @@ def test_a_clip_is_constant_when_its_variance_is_at_most_eps_times_its_second_mo
 @pytest.mark.parametrize("route", ROUTES)
 def test_short_clips(route: str) -> None:
     """Biased CKA is defined from 2 real steps on (float64 value); the debiased one needs 4 steps of
-    positive weight and is 0 with fewer, or when all but 3 weights are lost in float32 rounding."""
+    positive weight and is 0 with fewer, or when a side's self term is lost in float32 rounding (all but
+    3 weights ~1e-6 of the others; in clip 3 only the student's: the teacher is large on those steps)."""
     g = torch.Generator().manual_seed(3)
     t, ds, denc, dt = 6, 3, 4, 5
-    student, encoded = torch.randn(3, t, ds, generator=g), torch.randn(3, t, denc, generator=g)
+    student, encoded = torch.randn(4, t, ds, generator=g), torch.randn(4, t, denc, generator=g)
+    encoded[3, 3:] *= 100
     weight = torch.randn(dt, denc, generator=g)
-    w = 0.5 + torch.rand(3, t, generator=g)
-    mask = torch.zeros(3, t, dtype=torch.bool)
-    mask[0, :2], mask[1, :3], mask[2, :] = True, True, True
-    w[2, 3:] = 1e-9  # clip 2: 6 positive weights, 3 of them ~1e-9 of the others
+    w = 0.5 + torch.rand(4, t, generator=g)
+    mask = torch.zeros(4, t, dtype=torch.bool)
+    mask[0, :2], mask[1, :3], mask[2:, :] = True, True, True
+    w[2:, 3:] = 1e-6
     teacher = (encoded @ weight.T).numpy()
     biased = _cka(route, student, encoded, weight, None, w, mask, "biased")
     expected = [_ref_cka(student[b, mask[b]].numpy(), teacher[b, mask[b]], w[b, mask[b]].numpy(), "biased")
-                for b in range(3)]
+                for b in range(4)]
     np.testing.assert_allclose(biased.numpy(), expected, rtol=0, atol=1e-5)
     assert all(abs(e) > 0.05 for e in expected)
-    assert _cka(route, student, encoded, weight, None, w, mask, "debiased").tolist() == [0.0, 0.0, 0.0]
+    assert _cka(route, student, encoded, weight, None, w, mask, "debiased").tolist() == [0.0] * 4
 
 
 def test_teacher_of_keeps_the_bias_for_the_constant_teacher_check() -> None:
@@ -241,6 +243,7 @@ def test_collate_pads_each_field_and_marks_the_answer_positions() -> None:
     gram = torch.zeros(2, 5, 5)
     gram[0, :3, :3], gram[1] = items[0]["gram"], items[1]["gram"]
     assert torch.equal(batch["gram"], gram)
+    assert batch["topk_ids"].dtype == torch.long  # ids to gather with
     for key in ("topk_ids", "topk_logprobs"):
         expected = torch.zeros(2, 9, 2, dtype=items[0][key].dtype)
         expected[0, :8], expected[1] = items[0][key], items[1][key]
@@ -266,20 +269,22 @@ LABELS = ("Sad", "Happy", "Angry", "Neutral")  # not in alphabetical order
 
 
 def test_classification_metrics_by_hand() -> None:
-    """Sad 1 of 2 right, Happy 1 of 2 (one unmatched answer), Angry 0 of 2 and never predicted, Neutral
-    absent from the truth but predicted once: scores over the three classes present."""
-    truth = ["Sad", "Sad", "Happy", "Happy", "Angry", "Angry"]
-    predicted = ["Sad", "Happy", "Happy", UNMATCHED, "Sad", "Neutral"]
+    """Sad 1 of 2 right, Happy 1 of 3 (one unmatched answer), Angry 0 of 2 and predicted once, wrongly;
+    Neutral absent from the truth but predicted once: scores over the three classes present."""
+    truth = ["Sad", "Sad", "Happy", "Happy", "Happy", "Angry", "Angry"]
+    predicted = ["Sad", "Happy", "Happy", UNMATCHED, "Angry", "Sad", "Neutral"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a class never predicted scores 0 without complaint
+        warnings.simplefilter("error")  # a class never predicted right scores 0 without complaint
         m = classification_metrics(truth, predicted, LABELS)
-    f1 = {"Sad": 2 * 0.5 * 0.5 / (0.5 + 0.5), "Happy": 2 * 0.5 * 0.5 / (0.5 + 0.5), "Angry": 0.0}
-    assert m["wa"] == pytest.approx(2 / 6) and m["ua"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    # precision / recall: Sad 1/2, 1/2; Happy 1/2, 1/3; Angry 0/1, 0/2 (F1 0: precision + recall = 0)
+    f1 = {"Sad": 2 * 0.5 * 0.5 / (0.5 + 0.5), "Happy": 2 * 0.5 * (1 / 3) / (0.5 + 1 / 3), "Angry": 0.0}
+    assert m["wa"] == pytest.approx(2 / 7) and m["ua"] == pytest.approx((0.5 + 1 / 3 + 0.0) / 3)
     assert m["macro_f1"] == pytest.approx(sum(f1.values()) / 3)
-    assert m["recall"] == {"Sad": 0.5, "Happy": 0.5, "Angry": 0.0} and list(m["recall"]) == ["Sad", "Happy", "Angry"]
-    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0]]  # rows true, columns predicted
-    assert (m["n"], m["unmatched"]) == (6, 1)
-    assert headline(m) == {"wa": 0.333333, "ua": 0.333333, "macro_f1": 0.333333}
+    assert m["recall"] == pytest.approx({"Sad": 0.5, "Happy": 1 / 3, "Angry": 0.0})
+    assert list(m["recall"]) == ["Sad", "Happy", "Angry"]
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1], [0, 0, 0, 0]]  # rows true, columns predicted
+    assert (m["n"], m["unmatched"]) == (7, 1)
+    assert headline(m) == {"wa": 0.285714, "ua": 0.277778, "macro_f1": 0.3}
     assert headline({"wa": 0.12345678, "ua": 2 / 3, "macro_f1": 1.0, "n": 3}) == {"wa": 0.123457, "ua": 0.666667,
                                                                                   "macro_f1": 1.0}
 
@@ -738,6 +743,12 @@ def test_patience_stops_after_that_many_epochs_without_a_better_score(tmp_path, 
     assert result.best_epoch == best
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, snapshots[best][name], rtol=0, atol=0)
+
+
+def test_a_validation_that_never_scores_stops_after_patience_epochs(tmp_path) -> None:
+    """Every score NaN: no epoch is ever better, so `patience` epochs from the start end the run."""
+    _, result = _scored_run(tmp_path, [float("nan")] * 5, patience=2)
+    assert [r["epoch"] for r in result.history] == [1, 2] and result.best_epoch < 1
 
 
 def test_a_non_finite_loss_stops_the_run_naming_where(tmp_path) -> None:

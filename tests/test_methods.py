@@ -171,3 +171,28 @@ def test_a_gram_cache_gives_the_same_terms(setup, estimator):
             assert set(cached) == set(plain)
             for key in plain:
                 torch.testing.assert_close(cached[key], plain[key], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_a_clip_without_attention_weighs_its_own_steps_alike(setup, estimator):
+    """A padded clip whose cached attention is all 0 falls back to uniform weights over its real audio
+    steps, not over the padding: the same CKA and teacher normaliser as that clip alone, unpadded."""
+    student, batch, weight, bias, _ = setup
+    teacher = Teacher.of(weight, bias, 2.0, estimator)
+    zeroed = {**batch, "attention": batch["attention"].clone()}
+    zeroed["attention"][1] = 0  # clip 1: 5 of 9 steps real
+    t = int(batch["lengths"][1])
+    alone = {k: v[1:2] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    alone.update(encoded=alone["encoded"][:, :t], attention=torch.ones(1, t), lengths=alone["lengths"])
+    with torch.no_grad():
+        norms = teacher.norms(METHODS["pl-distill"], zeroed)
+        torch.testing.assert_close(norms[1:2], teacher.norms(METHODS["pl-distill"], alone), rtol=1e-5, atol=1e-6)
+        _, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
+                                               batch["attention_mask"])
+        mask = step_mask(batch["lengths"], projected.shape[1])
+        z = batch["encoded"] @ weight.T + bias
+        expected = aw_cka(projected, z, zeroed["attention"], mask, estimator=estimator).mean()
+        real = mask[..., None].float()
+        for extra in ({}, {"gram": (z * real) @ (z * real).mT}):
+            terms = distillation_terms(student, {**zeroed, **extra}, METHODS["pdist"], teacher, 1.0, 1.0)
+            torch.testing.assert_close(terms["cka"], expected, rtol=0, atol=1e-4)
