@@ -219,15 +219,18 @@ def pipeline_stages(workdir: Path) -> tuple[list[tuple], float, Path]:
     """A fresh `dvc repro` of the default in a scratch copy; per stage: wall time, startup, phases."""
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, workdir)
+    # the stages' code dependencies, as in a fresh clone
+    shutil.copytree(ROOT / "pldistill_cli", workdir / "pldistill_cli", ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "PLDISTILL_TIMINGS": str(workdir / "timings.jsonl"), "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PYTHONPATH": str(workdir), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["git", "init", "-q"], cwd=workdir, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=workdir, check=True, env=env)
     shutil.copytree(ROOT / ".dvc" / "plots", workdir / ".dvc" / "plots", dirs_exist_ok=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workdir, check=True, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=workdir, env=env, capture_output=True, text=True)
     total = time.perf_counter() - start
+    if result.returncode:
+        sys.exit(f"error: dvc repro failed in {workdir}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     rows = []
     for line in (workdir / "timings.jsonl").read_text().splitlines():
         r = json.loads(line)
