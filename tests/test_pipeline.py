@@ -343,7 +343,10 @@ def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
     params = dataclasses.replace(params, distill=dataclasses.replace(params.distill, train_llm="lora", epochs=1))
     distill("synthetic", 1, params, method_name="kd", seed=3)
     saved = run_dir / "data/runs/synthetic/fold1/student-kd-s3"
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(saved)
+    model, loading = Qwen2AudioForConditionalGeneration.from_pretrained(saved, output_loading_info=True)
+    # every weight of the plain architecture is in the file under its own name (an unmerged peft model would
+    # save `base_layer` and `lora_` keys, and those projections would load randomly initialised)
+    assert not any(loading[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading
     assert not any("lora" in n for n, _ in model.named_parameters())
     from pldistill_cli.distill import build_student
 
