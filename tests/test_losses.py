@@ -254,6 +254,25 @@ def test_constant_teacher_gram_is_degenerate(estimator: str) -> None:
         assert torch.equal(out, torch.zeros(64))
 
 
+@pytest.mark.parametrize("route", ["features", "gram"])
+def test_a_variance_of_exactly_eps_times_the_second_moment_counts_as_constant(route: str) -> None:
+    """The constant-clip rule is inclusive: variance AT MOST eps times the second moment. Dyadic data keep
+    both exact in float32: under uniform weights the teacher (1, 1, 0, 0) has mean 1/2, second moment 1/2
+    and variance 1/4, so eps = 1/2 sits exactly on the boundary (CKA 0); just below it the CKA is the
+    float64 value. The student has weighted mean 0 (ratio 1), far from constant at either eps."""
+    student = torch.tensor([[[1.0, 0.25], [0.5, -0.5], [-1.0, 0.25], [-0.5, 0.0]]])
+    teacher = torch.tensor([[[1.0], [1.0], [0.0], [0.0]]])
+    w = torch.ones(1, 4)
+    expected = ref_weighted_cka(student[0].numpy(), teacher[0].numpy(), w[0].numpy())
+    assert expected > 0.5  # about 0.91: a 0 below could only come from the constant-clip rule
+    for eps, want in ((0.5, 0.0), (0.49, expected)):
+        if route == "features":
+            out = aw_cka(student, teacher, w, eps=eps)
+        else:  # the raw Gram [[1, 1, 0, 0], [1, 1, 0, 0], 0, 0] centres exactly too
+            out = aw_cka_gram(student, teacher @ teacher.mT, w, eps=eps)
+        assert out.item() == pytest.approx(want, abs=1e-6), eps
+
+
 def test_all_zero_features_are_handled() -> None:
     x = torch.zeros(1, 8, 4, requires_grad=True)
     out = aw_cka(x, torch.randn(1, 8, 5), torch.rand(1, 8))
@@ -511,6 +530,34 @@ def test_debiased_needs_four_weighted_steps() -> None:
     assert x.grad[2].abs().sum() > 0
 
 
+def test_debiased_three_weighted_steps_are_zero_even_with_concentrated_weights() -> None:
+    """With 3 steps of positive weight there are no 4 distinct steps: the debiased estimator has no terms
+    and the CKA is 0, per clip. Weights of 1 : d : d with d ~ 1e-5 leave float32 cancellation in the self
+    terms (1 - sum w^2 alone has a relative error ~1e-8 / d) of either sign, often well above the 1e-4 resolution
+    that catches smaller rounding, so only the count of weighted steps can tell (not the count of steps:
+    each clip also has a real step of weight 0 and 2 padded ones; nor the batch's total)."""
+    g = torch.Generator().manual_seed(11)
+    b, t = 64, 6
+    student, encoded = torch.randn(b, t, 3, generator=g), torch.randn(b, t, 4, generator=g)
+    weight = torch.randn(5, 4, generator=g)
+    teacher = encoded @ weight.T
+    w = torch.zeros(b, t)
+    w[:, 0] = 1.0
+    w[:, 1:3] = 10 ** -(5 + torch.rand(b, 2, generator=g))  # 1e-6 to 1e-5: both self terms > 0 in ~1 clip in 10
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[:, 4:] = False
+    student.requires_grad_(True)
+    factor = teacher_factor(weight)
+    outs = {"features": aw_cka(student, teacher, w, mask, estimator="debiased"),
+            "gram": aw_cka_gram(student, teacher @ teacher.mT, w, mask, estimator="debiased"),
+            "encoded": aw_cka_encoded(student, encoded, factor, w, mask, estimator="debiased")}
+    for route, out in outs.items():
+        assert torch.equal(out.detach(), torch.zeros(b)), route
+        (grad,) = torch.autograd.grad(out.sum(), student)
+        assert torch.equal(grad, torch.zeros_like(student)), route
+    assert torch.equal(teacher_self_norm(encoded, factor, w, mask, estimator="debiased"), torch.zeros(b))
+
+
 def test_unknown_estimator_is_an_error() -> None:
     x, w = torch.randn(1, 5, 3), torch.rand(1, 5)
     factor = teacher_factor(torch.randn(4, 3))
@@ -751,6 +798,23 @@ def test_masked_positions_do_not_matter() -> None:
     # Clip with no positions -> 0.
     none = bucketed_kl(s, ids, lp, torch.zeros(2, l, dtype=torch.bool))
     assert torch.equal(none, torch.zeros(2))
+
+
+def test_a_one_token_student_vocabulary_gives_zero() -> None:
+    """With a single student token q is certain, and so is the teacher restricted to it: the KL is 0
+    whether the teacher's top-k holds id 0 or only ids beyond the vocabulary, and on padding. (Dropped
+    ids must not index past V = 1.)"""
+    teacher = 2 * torch.randn(2, 3, 5)
+    teacher[:, 0, 0] = 10.0  # id 0 is the teacher's top-1
+    teacher[:, 1, 0] = -10.0  # id 0 is outside the top-3: every kept id is dropped, its mass is in the tail
+    ids, logprobs = topk_logprobs(teacher, 3)
+    assert bool((ids[:, 0, 0] == 0).all()) and bool((ids[:, 1] > 0).all())
+    student = torch.randn(2, 3, 1, requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    out = bucketed_kl(student, ids, logprobs, mask, 2.0)
+    assert torch.allclose(out, torch.zeros(2), atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(student.grad).all()
 
 
 @pytest.mark.parametrize("k", [3, 16])
