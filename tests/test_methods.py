@@ -196,3 +196,28 @@ def test_a_clip_without_attention_weighs_its_own_steps_alike(setup, estimator):
         for extra in ({}, {"gram": (z * real) @ (z * real).mT}):
             terms = distillation_terms(student, {**zeroed, **extra}, METHODS["pdist"], teacher, 1.0, 1.0)
             torch.testing.assert_close(terms["cka"], expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["biased", "debiased"])
+def test_a_gram_in_the_batch_is_the_teacher_side(setup, estimator):
+    """With a cached Gram in the batch, CKA is taken against that Gram, not against the teacher's
+    projector applied to the encoder output: the Gram of other features (random, unrelated to the
+    encoder output) gives the reference CKA against those features."""
+    student, batch, weight, bias, _ = setup
+    teacher = Teacher.of(weight, bias, 2.0, estimator)
+    with torch.no_grad():
+        _, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
+                                               batch["attention_mask"])
+    mask = step_mask(batch["lengths"], projected.shape[1])
+    real = mask[..., None].float()
+    other = torch.randn(*projected.shape[:2], weight.shape[0], generator=torch.Generator().manual_seed(3))
+    own = batch["encoded"] @ weight.T + bias
+    with torch.no_grad():
+        for method in ("pdist", "cka"):
+            weights = batch["attention"] if METHODS[method].projector == "aw_cka" else mask.float()
+            expected = aw_cka(projected, other, weights, mask, estimator=estimator).mean()
+            against_own = aw_cka(projected, own, weights, mask, estimator=estimator).mean()
+            assert abs(expected - against_own) > 1e-2  # the two teacher sides are told apart
+            terms = distillation_terms(student, {**batch, "gram": (other * real) @ (other * real).mT},
+                                       METHODS[method], teacher, 1.0, 1.0)
+            torch.testing.assert_close(terms["cka"], expected, rtol=0, atol=1e-4)

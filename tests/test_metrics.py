@@ -42,3 +42,16 @@ def test_generated_answers_map_to_one_label_or_count_as_unmatched():
     assert parse_answer("Calm", LABELS) == UNMATCHED  # not in this label set: never mapped to Neutral
     m = classification_metrics(["Happy", "Sad", "Sad"], ["Happy", UNMATCHED, "Sad"], LABELS)
     assert m["unmatched"] == 1 and np.isclose(m["ua"], (1.0 + 0.5) / 2) and np.isclose(m["wa"], 2 / 3)
+
+
+def test_the_smallest_p_is_one_over_one_plus_the_number_of_swaps():
+    """p = (1 + #{|d*| >= |d|}) / (1 + n_perm), n_perm 5000 by default: when a is right and b wrong on
+    each of 40 clips, a swap reaches |d| = 1 only if it swaps all clips or none (2 of 2^40 swaps), so
+    none of the random swaps does and p is 1 / (1 + n_perm)."""
+    from pldistill_cli.metrics import paired_comparison
+
+    truth = ["a", "b"] * 20
+    wrong = ["b" if t == "a" else "a" for t in truth]
+    assert paired_comparison(truth, truth, wrong, n_boot=10)["p"] == 1 / 5001
+    assert paired_comparison(truth, truth, wrong, n_boot=10, n_perm=99)["p"] == 1 / 100
+    assert paired_comparison(truth, wrong, truth, n_boot=10, n_perm=99)["diff"] == -1.0

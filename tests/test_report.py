@@ -14,7 +14,7 @@ import pytest
 
 from pldistill_cli.layout import Layout
 from pldistill_cli.metrics import classification_metrics, cluster_bootstrap_ua, paired_comparison
-from pldistill_cli.report import Runs, _collect, _paired, _summary_row, diagnostics, render_html, table
+from pldistill_cli.report import Runs, _collect, _paired, _summary_row, _verdict, diagnostics, render_html, table
 
 LABELS = ("Happy", "Sad")
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,35 @@ def test_diagnostics_say_when_a_term_is_inert():
     assert "nearly uniform" in text and "projector term is inert" in text and "KL term is near zero" in text
     rows, notes = diagnostics({"pl-distill": alive}, attention_share=0.4, confidence=0.5)
     assert notes == [] and rows[0][5] == "0.50 → 0.40"
+
+
+def test_each_note_is_a_plain_sentence_that_states_its_conclusion():
+    """README: 'a plain sentence for every mechanism that is inert': each note gives the numbers it rests on
+    (computed here by hand) and says what follows from them, in full."""
+    history = [[{"epoch": 0, "probe_cka": 0.6, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.02},
+                {"epoch": 1, "probe_cka": 0.8, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.01,
+                 "ce": 0.5, "kl": 0.004}]]
+    _, notes = diagnostics({"kd": history}, attention_share=0.97, confidence=0.95)
+    uniform, kl, confident = notes
+    assert "97% of T" in uniform
+    assert uniform.endswith("AW-CKA weights every step alike here, so it behaves as plain CKA.")
+    # KL 0.004 at the end; its gradient 0.01 / 2.0 = 0.5% of CE's
+    assert kl.startswith("kd: ") and "(0.0040; gradient 0.5% of CE's)" in kl
+    assert kl.endswith("on its own training clips the teacher's targets carry little beyond the label.")
+    assert "p(true label) 0.95 on average" in confident
+    assert confident.endswith("its soft targets are close to the one-hot label there.")
+    assert all(n[0].isupper() or n.startswith("kd: ") for n in notes)
+
+
+def test_equal_ua_is_never_significant():
+    """Two students with the same UA but right on different clips: d = 0, so every swap's |d*| >= |d| and
+    p = 1; the verdict is 'not significant' whatever the interval."""
+    truth = ["a", "a", "b", "b"] * 5
+    first = ["a", "b", "b", "b"] * 5  # recall of a 1/2 (first clip), of b 1
+    second = ["b", "a", "b", "b"] * 5  # recall of a 1/2 (second clip), of b 1
+    result = paired_comparison(truth, first, second, n_boot=50, n_perm=200)
+    assert result["diff"] == 0 and result["p"] == 1.0
+    assert _verdict(result) == "not significant"
 
 
 def test_a_pipe_in_a_cell_stays_in_its_cell():
