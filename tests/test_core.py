@@ -606,9 +606,34 @@ def test_start_processes_checks_the_expected_number() -> None:
         start_processes(torch.device("cpu"), 2)
 
 
+def test_start_processes_asks_for_a_cpu_state_on_the_cpu_only_and_world_size_0_takes_any_count(monkeypatch) -> None:
+    """Its docstring: gloo on the CPU, NCCL on GPUs, so accelerate's state is made CPU-only exactly when the
+    device is the CPU (on a machine with a GPU anything else puts a CPU run's processes on it); world_size 0,
+    the default, checks no count, any other value is the count expected."""
+    import accelerate
+
+    made = []
+
+    class TwoProcesses:  # accelerate's PartialState as a 2-process launch gives it
+        num_processes, process_index = 2, 0
+
+        def __init__(self, cpu: bool = False, **kwargs) -> None:
+            made.append(cpu)
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    assert start_processes(torch.device("cpu")).num_processes == 2
+    assert start_processes(torch.device("cuda", 1), 2).num_processes == 2
+    with pytest.raises(PldistillError, match="world_size is 3 but 2 process"):
+        start_processes(torch.device("cpu"), 3)
+    assert made == [True, False, True]
+
+
 def test_autocast_is_bf16_on_cuda_only() -> None:
-    with autocast(torch.device("cpu")):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CUDA autocast made on a machine without a GPU warns (and is disabled)
+        with autocast(torch.device("cpu")):  # "plain fp32 on CPU": no autocast of any device, none made
+            assert not torch.is_autocast_enabled("cpu") and not torch.is_autocast_enabled("cuda")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no GPU here: torch disables it, but keeps its settings
         cuda = autocast(torch.device("cuda"))
@@ -746,9 +771,160 @@ def test_patience_stops_after_that_many_epochs_without_a_better_score(tmp_path, 
 
 
 def test_a_validation_that_never_scores_stops_after_patience_epochs(tmp_path) -> None:
-    """Every score NaN: no epoch is ever better, so `patience` epochs from the start end the run."""
+    """Every score NaN: no epoch is ever better, so `patience` epochs from the start end the run, and the
+    best epoch is still the loop's "-1 until an epoch has been scored" (what the saved summary records)."""
     _, result = _scored_run(tmp_path, [float("nan")] * 5, patience=2)
-    assert [r["epoch"] for r in result.history] == [1, 2] and result.best_epoch < 1
+    assert [r["epoch"] for r in result.history] == [1, 2] and result.best_epoch == -1
+
+
+def _accelerator(monkeypatch, main: bool = True) -> list[dict]:
+    """Make the loop's Accelerator record the arguments it is made with; main=False: as a process other than
+    the main one sees it."""
+    import accelerate
+
+    made = []
+
+    class Recording(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+        @property
+        def is_main_process(self) -> bool:
+            return main and super().is_main_process
+
+    monkeypatch.setattr(accelerate, "Accelerator", Recording)
+    return made
+
+
+def test_the_loop_asks_for_a_cpu_state_for_a_model_on_the_cpu(tmp_path, monkeypatch) -> None:
+    """accelerate's state follows the model's device: CPU-only for a model on the CPU (on a machine with a GPU
+    anything else gives accelerate, and DDP, the GPU while the model and its batches stay on the CPU)."""
+    made = _accelerator(monkeypatch)
+    _scored_run(tmp_path, [0.5])
+    assert [kwargs.get("cpu") for kwargs in made] == [True]
+
+
+def test_a_process_other_than_the_main_one_trains_every_epoch_and_writes_no_state(tmp_path, monkeypatch) -> None:
+    """Every process runs every epoch (DDP's all-reduces need all of them) and ends with the best weights;
+    only the main process writes the state to resume from."""
+    _accelerator(monkeypatch, main=False)
+    snapshots = {}
+    model, result = _scored_run(tmp_path, [0.4, 0.6, 0.5], snapshots=snapshots)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and result.best_epoch == 2
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, snapshots[2][name], rtol=0, atol=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_part_the_loss_stops_using_is_left_as_it_was(tmp_path) -> None:
+    """The documented loop frees the gradients after each update (torch's zero_grad default) and AdamW passes
+    over a parameter without one: a part the loss uses in the first epoch only keeps, to the end, the values
+    it had after that epoch (zeroed gradients instead would give it weight decay and momentum steps)."""
+    model, side = _toy(), torch.nn.Linear(3, 1)
+    initial, after_first, current = _snapshot(side), {}, []
+
+    def batches(epoch):
+        current.append(epoch)
+        return _epoch_batches(4, epoch)
+
+    def terms(idx):
+        loss = (model(DATA[idx]) - TARGET[idx]).square().mean()
+        return {"loss": loss + side(DATA[idx]).square().mean() if current[-1] == 0 else loss}
+
+    def validate():
+        if current[-1] == 0:
+            after_first.update(_snapshot(side))
+        return float(current[-1])  # rising: the last epoch is kept
+
+    settings = LoopSettings(3, 0.05, 0.1, 1.0)
+    train_with_validation(TrainingStep({"m": model, "side": side}, terms), batches, validate, settings, 4, tmp_path,
+                          "fp", "test")
+    assert not torch.equal(after_first["weight"], initial["weight"])  # it did train in the first epoch
+    for name, value in side.state_dict().items():
+        torch.testing.assert_close(value, after_first[name], rtol=0, atol=0)
+
+
+class _Bar:
+    """Stands in for ui.progress's bar, with its calls and defaults: keeps the bar's position and the text it
+    shows (None changes neither) and logs both after every call."""
+
+    def __init__(self, total) -> None:
+        self.total, self.position, self.info, self.log = total, 0, "", []
+
+    def advance(self, n: float = 1, info: str | None = None) -> None:
+        self.position += n
+        self.info = self.info if info is None else info
+        self.log.append((self.position, self.info))
+
+    def update(self, completed: float | None = None, info: str | None = None) -> None:
+        self.position = self.position if completed is None else completed
+        self.info = self.info if info is None else info
+        self.log.append((self.position, self.info))
+
+
+def _shown(info: str):
+    """What a progress line says: ("validation", epoch, score, best so far) or ("batch", epoch, {term: mean})."""
+    if not info:
+        return info
+    if match := re.fullmatch(r"epoch (\d+) val UA (\S+) \(best (\S+)\)", info):
+        return "validation", int(match[1]), float(match[2]), float(match[3])
+    words = info.split(" ")
+    assert words[0] == "epoch" and len(words) % 2 == 0, info
+    return "batch", int(words[1]), {k: float(v) for k, v in zip(words[2::2], words[3::2])}
+
+
+def test_the_progress_bar_counts_batches_and_shows_running_means_and_scores(tmp_path, monkeypatch) -> None:
+    """The bar runs over epochs x batches per epoch and a resumed run starts it at the epochs already done;
+    each batch moves it on by one and shows its epoch (1-based, as in the history) with each term's mean over
+    the epoch so far; each validation shows the epoch, its score and the best score so far."""
+    from contextlib import contextmanager
+
+    import pldistill_cli.training as training
+
+    bars: list[_Bar] = []
+
+    @contextmanager
+    def recording(description, total):
+        bars.append(_Bar(total))
+        yield bars[-1]
+
+    monkeypatch.setattr(training, "progress", recording)
+    scores, seen = [0.25, 0.75, 0.5], {}  # seen: epoch (1-based) -> each batch's terms
+
+    def run(fail_at=None):
+        model, current = _toy(), []
+
+        def batches(epoch):
+            if epoch == fail_at:
+                raise KeyboardInterrupt
+            current.append(epoch)
+            return _epoch_batches(4, epoch)
+
+        def terms(idx):
+            loss = (model(DATA[idx]) - TARGET[idx]).square().mean()
+            seen.setdefault(current[-1] + 1, []).append({"loss": float(loss.detach()), "sum": float(idx.sum())})
+            return {"loss": loss, "sum": idx.sum().float()}
+
+        train_with_validation(TrainingStep({"m": model}, terms), batches, lambda: scores[current[-1]],
+                              LoopSettings(3, 0.05, 0.0, 1.0), 4, tmp_path, "fp", "test")
+
+    def expected(epochs, done):
+        log, best = [(4 * done, "")], max(scores[:done], default=float("-inf"))
+        for epoch in epochs:
+            for k in range(1, 5):
+                means = {t: np.mean([b[t] for b in seen[epoch][:k]]) for t in ("loss", "sum")}
+                log.append((4 * (epoch - 1) + k, ("batch", epoch, pytest.approx(means, abs=6e-4))))
+            best = max(best, scores[epoch - 1])
+            log.append((4 * epoch, ("validation", epoch, scores[epoch - 1], best)))
+        return log
+
+    with pytest.raises(KeyboardInterrupt):
+        run(fail_at=2)  # epochs 1 and 2, then stopped
+    run()  # resumed: epoch 3
+    assert [bar.total for bar in bars] == [12, 12]
+    assert [(position, _shown(info)) for position, info in bars[0].log] == expected([1, 2], 0)
+    assert [(position, _shown(info)) for position, info in bars[1].log] == expected([3], 2)
 
 
 def test_a_non_finite_loss_stops_the_run_naming_where(tmp_path) -> None:
@@ -782,7 +958,7 @@ class Planted:
     """Not a tensor: a state file holding it is not one this code wrote."""
 
 
-def test_a_planted_or_mismatched_state_starts_afresh(tmp_path) -> None:
+def test_a_planted_or_mismatched_state_starts_afresh(tmp_path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         _scored_run(tmp_path, [0.1, 0.2, 0.3], fail_at=2)
     progress = json.loads((tmp_path / "state.json").read_text())
@@ -792,5 +968,7 @@ def test_a_planted_or_mismatched_state_starts_afresh(tmp_path) -> None:
     assert [r["epoch"] for r in result.history] == [1, 2, 3]  # all three trained again
     torch.save({"epoch": 1, "planted": Planted()}, tmp_path / "state.pt")  # would need unpickling code
     (tmp_path / "state.json").write_text(json.dumps(progress))
+    # weights_only is asked for, not left to torch's default: this setting turns that default off
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
