@@ -232,18 +232,23 @@ def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None
                              "lower the learning rate or a loss weight, or check the inputs")
 
 
+_STATE = {"epoch", "model", "optimizer", "schedule", "rng", "best"}  # what state.pt holds (tensors)
+_PROGRESS = {"fingerprint", "epoch", "best_score", "best_epoch", "history"}  # what state.json holds
+
+
 def _resume(state_file: Path, progress_file: Path, fingerprint: str) -> tuple[dict, dict] | None:
     """The saved state of an interrupted run with the same fingerprint, or None to start afresh."""
     if not (state_file.exists() and progress_file.exists()):
         return None
     try:
         done = json.loads(progress_file.read_text())
-        if done.get("fingerprint") != fingerprint:
+        if not isinstance(done, dict) or done.get("fingerprint") != fingerprint or not _PROGRESS <= done.keys():
             return None
         state = torch.load(state_file, weights_only=True)
     except (json.JSONDecodeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
         return None  # unreadable or not ours: start afresh (the work folder is only a resume cache)
-    return (state, done) if state.get("epoch") == done.get("epoch") else None
+    ours = isinstance(state, dict) and _STATE <= state.keys() and state["epoch"] == done["epoch"]
+    return (state, done) if ours else None
 
 
 def finish_work(work_dir: Path) -> None:

@@ -972,3 +972,10 @@ def test_a_planted_or_mismatched_state_starts_afresh(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    # well-formed files that are not a state either: JSON that is no object, a tensor, a state missing a part
+    for planted_json, planted_pt in ((json.dumps([]), None), (json.dumps(None), None),
+                                     (None, torch.zeros(2)), (None, {"epoch": 1})):
+        (tmp_path / "state.json").write_text(planted_json or json.dumps(progress))
+        torch.save(planted_pt if planted_pt is not None else {"epoch": 1}, tmp_path / "state.pt")
+        _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
+        assert [r["epoch"] for r in result.history] == [1, 2, 3]
