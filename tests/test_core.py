@@ -954,8 +954,19 @@ def test_a_resumed_run_keeps_the_best_epoch_it_had(tmp_path) -> None:
         torch.testing.assert_close(value, snapshots[1][name], rtol=0, atol=0)
 
 
+PLANTED_RAN: list[bool] = []
+
+
+def _planted_code() -> dict:  # what unpickling a planted state file would run
+    PLANTED_RAN.append(True)
+    return {}
+
+
 class Planted:
-    """Not a tensor: a state file holding it is not one this code wrote."""
+    """Not a tensor: a state file holding it is not one this code wrote, and loading it runs code."""
+
+    def __reduce__(self):
+        return _planted_code, ()
 
 
 def test_a_planted_or_mismatched_state_starts_afresh(tmp_path, monkeypatch) -> None:
@@ -966,12 +977,15 @@ def test_a_planted_or_mismatched_state_starts_afresh(tmp_path, monkeypatch) -> N
     (tmp_path / "state.json").write_text(json.dumps({**progress, "epoch": 0}))  # names another epoch than state.pt
     _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
     assert [r["epoch"] for r in result.history] == [1, 2, 3]  # all three trained again
-    torch.save({"epoch": 1, "planted": Planted()}, tmp_path / "state.pt")  # would need unpickling code
-    (tmp_path / "state.json").write_text(json.dumps(progress))
+    work = tmp_path / "planted"
+    with pytest.raises(KeyboardInterrupt):
+        _scored_run(work, [0.1, 0.2, 0.3], fail_at=2)
+    state = torch.load(work / "state.pt", weights_only=True)
+    torch.save({**state, "planted": Planted()}, work / "state.pt")  # a whole state, plus code to run
     # weights_only is asked for, not left to torch's default: this setting turns that default off
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    _, result = _scored_run(tmp_path, [0.1, 0.2, 0.3])
-    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    _, result = _scored_run(work, [0.1, 0.2, 0.3])
+    assert not PLANTED_RAN and [r["epoch"] for r in result.history] == [1, 2, 3]
     # well-formed files that are not a state either: JSON that is no object, a tensor, a state missing a part
     for planted_json, planted_pt in ((json.dumps([]), None), (json.dumps(None), None),
                                      (None, torch.zeros(2)), (None, {"epoch": 1})):
