@@ -27,7 +27,7 @@ from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, c
                      environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
 from .prompt import PromptLayout
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       sharded_predictions, start_processes, train_with_validation)
+                       retrain, sharded_predictions, start_processes, train_with_validation)
 from .ui import console, progress
 
 
@@ -202,10 +202,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
         everything = cache.split(("train", "validation"), columns)
         teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size)
         student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
-        again = dataclasses.replace(settings, epochs=result.best_epoch, patience=0)
-        train_with_validation(step(student), batches(everything), None, again, len(batches(everything)(0)),
-                              work / "refit", run_id, f"refit {name} {dataset} fold {fold} on train + validation")
-        refit = {"epochs": result.best_epoch, "clips": len(everything)}
+        refit = retrain(step(student), batches(everything), settings, result, len(batches(everything)(0)), work, run_id,
+                        f"refit {name} {dataset} fold {fold} on train + validation", len(everything))
     summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
                                   history=tuple(result.history), refit=refit)
     if processes.is_main_process:

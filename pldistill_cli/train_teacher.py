@@ -27,7 +27,8 @@ from .models import (ModelMeta, add_lora, build_processor, build_teacher, check_
 from .prompt import PromptLayout
 from .scoring import predict_clips
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       sharded_predictions, shuffled_batches, start_processes, train_with_validation)
+                       retrain, sharded_predictions, shuffled_batches, start_processes,
+                       train_with_validation)
 from .ui import console
 
 
@@ -124,10 +125,8 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     if p.refit:  # the chosen epoch count, from the same start, on train + validation
         everything = Clips(pd.concat([train, validation], ignore_index=True), processor, in_memory)
         model, lora = fresh()
-        again = dataclasses.replace(settings, epochs=result.best_epoch, patience=0)
-        train_with_validation(step(everything, model), batches(everything), None, again, len(own(everything, 0)),
-                              work / "refit", run_id, f"refit teacher {dataset} fold {fold} on train + validation")
-        refit = {"epochs": result.best_epoch, "clips": len(everything)}
+        refit = retrain(step(everything, model), batches(everything), settings, result, len(own(everything, 0)), work,
+                        run_id, f"refit teacher {dataset} fold {fold} on train + validation", len(everything))
     summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
                                   history=tuple(result.history), refit=refit)
     if processes.is_main_process:

@@ -11,7 +11,7 @@ import pickle
 import random
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -222,6 +222,15 @@ def train_with_validation(
         model.load_state_dict(best_state, strict=False)
     model.eval()
     return result
+
+
+def retrain(model: TrainingStep, batches: Callable[[int], Iterable], settings: LoopSettings, chosen: LoopResult,
+            steps_per_epoch: int, work_dir: Path, fingerprint: str, description: str, clips: int) -> dict:
+    """Retrain `model` (fresh from the same start) on train + validation, without validation, for the
+    number of epochs the validated run chose; returns the record kept in the model's metadata."""
+    again = replace(settings, epochs=chosen.best_epoch, patience=0)
+    train_with_validation(model, batches, None, again, steps_per_epoch, work_dir / "refit", fingerprint, description)
+    return {"epochs": chosen.best_epoch, "clips": clips}
 
 
 def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:

@@ -33,7 +33,7 @@ from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.report import (Runs, _collect, _load, _mean_sd, _paired, _references, _summary_row, _verdict,
                                   diagnostics, render_html, table)
 from pldistill_cli.training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything,
-                                    shard, sharded_predictions, shuffled_batches, start_processes,
+                                    retrain, shard, sharded_predictions, shuffled_batches, start_processes,
                                     train_with_validation)
 
 ROUTES = ("features", "gram", "encoded")
@@ -748,6 +748,29 @@ def _scored_run(work, scores, patience=0, frozen=False, fail_at=None, snapshots=
     step = TrainingStep({"m": model}, lambda idx: {"loss": (model(DATA[idx]) - TARGET[idx]).square().mean()})
     settings = LoopSettings(len(scores), 0.05, 0.0, 1.0, patience=patience)
     return model, train_with_validation(step, batches, validate, settings, 4, work, "fp", "test")
+
+
+def test_retrain_runs_the_chosen_epoch_count_without_validation(tmp_path) -> None:
+    """A refit trains a fresh model for the validated run's best epoch count, in its own work folder, with
+    the same loop settings otherwise: the weights of a plain run of that many epochs."""
+    _, chosen = _scored_run(tmp_path / "selected", [0.2, 0.5, 0.3, 0.1])
+    assert chosen.best_epoch == 2
+
+    def run(epochs_trained, train):
+        model = _toy()
+        step = TrainingStep({"m": model}, lambda idx: {"loss": (model(DATA[idx]) - TARGET[idx]).square().mean()})
+        return model, train(step, lambda epoch: (epochs_trained.append(epoch), _epoch_batches(4, epoch))[1])
+
+    settings = LoopSettings(4, 0.05, 0.0, 1.0, patience=3)
+    epochs = []
+    refit, record = run(epochs, lambda step, batches: retrain(step, batches, settings, chosen, 4, tmp_path / "work",
+                                                              "fp", "refit", clips=12))
+    assert record == {"epochs": 2, "clips": 12} and epochs == [0, 1]
+    assert (tmp_path / "work" / "refit" / "state.json").exists()
+    plain, _ = run([], lambda step, batches: train_with_validation(
+        step, batches, None, LoopSettings(2, 0.05, 0.0, 1.0), 4, tmp_path / "plain", "fp", "plain"))
+    for a, b in zip(refit.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_the_earliest_of_equal_best_scores_is_kept_and_frozen_layers_stay(tmp_path) -> None:
