@@ -250,7 +250,7 @@ class CachedTargets(Dataset):
     def __init__(self, rows: pd.DataFrame, columns: tuple[str, ...], store: EncoderStore, top_k: int):
         self.rows, self.columns, self.store, self.k = rows, list(columns), store, top_k
         self._part: tuple[str, pd.DataFrame] | None = None
-        self.constants: dict[str, torch.Tensor] = {}  # per-row values computed once from the rows (name -> [N])
+        self.constants: list[dict[str, torch.Tensor]] = []  # per row: values computed once from the rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -265,7 +265,7 @@ class CachedTargets(Dataset):
         r = self._read(where["part"]).iloc[where["row"]]
         t, s = int(r["n_audio"]), len(r["input_ids"])
         item = {"index": i, "label": r["label"], "input_ids": torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)),
-                "encoded": self.store.get(r["id"]), **{k: v[i] for k, v in self.constants.items()}}
+                "encoded": self.store.get(r["id"]), **(self.constants[i] if self.constants else {})}
         if "attention" in r:
             item["attention"] = torch.from_numpy(np.array(r["attention"], dtype=np.float32))
         if "gram" in r:

@@ -154,6 +154,7 @@ class DistillParams:
     lora_projector: Literal["full", "lora"] = "full"  # the new projector: fully trainable, or LoRA (paper)
     method: MethodName = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
     loader_workers: NonNegativeInt = 0  # DataLoader worker processes reading the cache
+    teacher_memory_mb: NonNegativeInt = 1024  # the teacher's constants of the training clips kept up to this size
 
 
 @settings

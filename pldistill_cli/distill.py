@@ -66,16 +66,22 @@ def probe(student, batch: dict, method: Method, teacher: Teacher, p, adapter, de
 
 
 @torch.no_grad()
-def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, prompt: PromptLayout,
-                      batch_size: int) -> None:
-    """Compute what the teacher contributes that is a constant of the clip (its CKA normaliser) once,
-    before training, so a training step computes only the student's side."""
-    if method.projector not in ("aw_cka", "cka") or "gram" in targets.columns:
-        return
-    norms = torch.zeros(len(targets))
+def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, prompt: PromptLayout, batch_size: int,
+                      vocab: int, memory_mb: int) -> None:
+    """Compute what the teacher contributes that is a constant of the clip (AW-CKA's teacher side, the KL's
+    buckets) once, before training, and keep it with the rows, so a training step computes only the
+    student's side. Beyond memory_mb only the CKA normalisers (one number per clip) are kept."""
+    rows: list[dict[str, torch.Tensor]] = [{} for _ in range(len(targets))]
+    size = 0
     for batch in DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt)):
-        norms[batch["index"]] = teacher.norms(method, batch)
-    targets.constants["teacher_norm"] = norms
+        for i, row in zip(batch["index"].tolist(), teacher.constants(method, batch, vocab)):
+            rows[i] = row
+            size += sum(v.numel() * v.element_size() for v in row.values())
+    if size > memory_mb * 2**20:
+        console.print(f"the teacher's constants of {len(rows)} clips need {size / 2**20:,.0f} MB, over "
+                      f"distill.teacher_memory_mb ({memory_mb}): every step recomputes them")
+        rows = [{k: v for k, v in row.items() if k == "teacher_norm"} for row in rows]
+    targets.constants = rows
 
 
 def _to(batch: dict, device) -> dict:
@@ -157,9 +163,10 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
     teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
                          p.cka_estimator)
-    teacher_constants(train, method, teacher, prompt, p.batch_size)
-    teacher = teacher.to(device)
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
+    vocab = student.model.config.text_config.vocab_size
+    teacher_constants(train, method, teacher, prompt, p.batch_size, vocab, p.teacher_memory_mb)
+    teacher = teacher.to(device)
     trainable = sum(x.numel() for x in student.model.parameters() if x.requires_grad)
     console.print(f"student ({params.model.preset}, {method_name}): {count_parameters(student.model):,} parameters "
                   f"(shared storage counted once), {trainable:,} trainable; {len(train)} train / "
@@ -200,7 +207,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     refit = None
     if p.refit:  # the chosen epoch count, from the same start, on train + validation
         everything = cache.split(("train", "validation"), columns)
-        teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size)
+        teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size, vocab, p.teacher_memory_mb)
         student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
         refit = retrain(step(student), batches(everything), settings, result, len(batches(everything)(0)), work, run_id,
                         f"refit {name} {dataset} fold {fold} on train + validation", len(everything))

@@ -6,9 +6,12 @@ float32 with autocast disabled, whatever the input dtype or the caller's autocas
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 _TINY = torch.finfo(torch.float32).tiny
 _MIN = torch.finfo(torch.float32).min
@@ -66,9 +69,10 @@ def _centre(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor
     """
     mu = torch.einsum("bt,btd->bd", w, z)
     zc = torch.where(m[..., None], z - mu[:, None, :], 0.0)
-    var = (w.sqrt()[..., None] * zc).square().sum(dim=(1, 2))
-    raw = (w[..., None] * z.square()).sum(dim=(1, 2))
-    return zc, var <= eps * raw
+    with torch.no_grad():  # a flag: no gradient, so no graph
+        var = (w[..., None] * zc.square()).sum(dim=(1, 2))
+        raw = (w[..., None] * z.square()).sum(dim=(1, 2))
+        return zc, var <= eps * raw
 
 
 def _centre_features(z: Tensor, w: Tensor, m: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -312,33 +316,44 @@ def _encoder_inputs(encoded: Tensor, m: Tensor) -> Tensor:
     return _scaled(torch.cat([x, torch.ones_like(x[..., :1])], dim=-1), m)
 
 
-def _teacher_norm(x: Tensor, factor: Tensor, w: Tensor, m: Tensor, eps: float, estimator: str) -> Tensor:
-    """sqrt of the teacher's self term (_hsic of Y = X' F with itself), or 0 where degenerate."""
-    y, degenerate = _centre(x @ factor, w, m, eps)
-    n2 = _self_term(_weighted(y, w) if estimator == "biased" else y, w, estimator)
-    ok = ~degenerate & ~_too_few_steps(w, estimator) & (n2 > 0)
-    return torch.where(ok, torch.where(ok, n2, 1.0).sqrt(), 0.0)
+class TeacherSide(NamedTuple):
+    """The teacher's side of aw_cka_encoded, a constant of the clips (teacher_side)."""
+
+    y: Tensor  # [B, T, r] centred Y = [X | 1] F of the _scaled encoder output (biased: sqrt(w)-weighted)
+    w: Tensor  # [B, T] step weights normalised over the real steps
+    mask: Tensor  # [B, T] real steps
+    norm: Tensor  # [B] sqrt of the teacher's self term, 0 where degenerate or with too few steps
+    estimator: str
+
+    def to(self, device) -> "TeacherSide":
+        return self._replace(**{k: v.to(device) for k, v in self._asdict().items() if torch.is_tensor(v)})
 
 
-def _encoded_terms(zs: Tensor, x: Tensor, factor: Tensor, w: Tensor, m: Tensor, eps: float,
-                   estimator: str) -> tuple[Tensor, Tensor]:
-    """(cross, student self) of AW-CKA against Y = X' F; zs centred (and _weighted if biased).
-
-    biased, when cheaper: ||(Zs^T Xc') F||_F^2, O(T Ds Denc + Ds Denc r), without forming Y;
-    else Y = Xc' F (O(T Denc r)) and Grams or cross-products, whichever is cheaper.
+def teacher_side(
+    encoded: Tensor,
+    factor: Tensor,
+    weights: Tensor,
+    mask: Tensor | None = None,
+    eps: float = 1e-8,
+    estimator: str = "biased",
+    norm: Tensor | None = None,
+) -> TeacherSide:
+    """Everything of aw_cka_encoded that depends only on the teacher (encoder output X [B, T, Denc],
+    factor = teacher_factor(W, b), weights, mask): computed once per clip, so a training step
+    computes only the student's side (aw_cka_teacher). `norm` (an earlier teacher_side(...).norm
+    of the same clips) skips the teacher's self term: biased ||G_T||_F, debiased sqrt(c4 HSIC_w(L, L)).
     """
-    t, ds = zs.shape[1], zs.shape[2]
-    de, r = factor.shape
-    if estimator == "biased" and ds * de * (t + r) < t * r * (de + ds):
-        xc, _ = _centre(x, w, m, eps)
-        cross = ((zs.mT @ _weighted(xc, w)) @ factor).square().sum(dim=(1, 2))
-        return cross, _self_term(zs, w, estimator)
-    y, _ = _centre(x @ factor, w, m, eps)
-    y = _weighted(y, w) if estimator == "biased" else y
-    if t * (ds + r) <= _cost_factor(estimator) * ds * r:
-        ks = zs @ zs.mT
-        return _hsic(ks, y @ y.mT, w, estimator, True), _hsic(ks, ks, w, estimator, True)
-    return _hsic(zs, y, w, estimator, False), _self_term(zs, w, estimator)
+    _check_estimator(estimator)
+    with torch.no_grad(), _no_autocast(encoded):
+        w, m = _step_weights(weights, mask)
+        y, degenerate = _centre(_encoder_inputs(encoded, m) @ factor.float(), w, m, eps)
+        y = _weighted(y, w) if estimator == "biased" else y
+        if norm is None:
+            n2 = _self_term(y, w, estimator)
+            ok = ~degenerate & (n2 > 0)
+            norm = torch.where(ok, torch.where(ok, n2, 1.0).sqrt(), 0.0)
+        # too few steps for the estimator: similarity 0, folded into the normaliser so a step need not test it
+        return TeacherSide(y, w, m, torch.where(_too_few_steps(w, estimator), 0.0, norm.float()), estimator)
 
 
 def teacher_self_norm(
@@ -356,10 +371,27 @@ def teacher_self_norm(
     Its scale is internal: use it only with aw_cka_encoded and the same encoded, factor,
     weights, mask, eps and estimator (padding does not change it). Float32 [B].
     """
-    _check_estimator(estimator)
-    with _no_autocast(encoded):
-        w, m = _step_weights(weights, mask)
-        return _teacher_norm(_encoder_inputs(encoded, m), factor.float(), w, m, eps, estimator)
+    return teacher_side(encoded, factor, weights, mask, eps, estimator).norm
+
+
+def aw_cka_teacher(student: Tensor, teacher: TeacherSide, eps: float = 1e-8) -> Tensor:
+    """aw_cka_encoded from its teacher side: the student's centring, the cross term against Y
+    and the student's self term, through T x T Grams or cross-products, whichever is cheaper."""
+    with _no_autocast(student):
+        estimator, w, y = teacher.estimator, teacher.w, teacher.y
+        zs, degenerate = _centre_features(student, w, teacher.mask, eps)
+        zs = _weighted(zs, w) if estimator == "biased" else zs
+        t, ds, r = zs.shape[1], zs.shape[2], y.shape[2]
+        # multiply-adds, forward and backward: Grams 2 T^2 Ds + T^2 r (Y Y^T needs no backward);
+        # cross-products 2 T Ds r + 2 T Ds min(T, Ds) (the self term by whichever form is cheaper)
+        if t * (2 * ds + r) <= _cost_factor(estimator) * 2 * ds * (r + min(t, ds)):
+            ks = zs @ zs.mT
+            cross, self_s = _hsic(ks, y @ y.mT, w, estimator, True), _hsic(ks, ks, w, estimator, True)
+        else:
+            cross, self_s = _hsic(zs, y, w, estimator, False), _self_term(zs, w, estimator)
+        ok = ~degenerate & (self_s > 0) & (teacher.norm > 0)  # else 0, with zero (finite) gradients
+        den = torch.where(ok, self_s, 1.0).sqrt() * torch.where(ok, teacher.norm, 1.0)
+        return torch.where(ok, cross / den, 0.0)
 
 
 def aw_cka_encoded(
@@ -376,22 +408,14 @@ def aw_cka_encoded(
 
     encoded X [B, T, Denc] (e.g. cached); factor = teacher_factor(W, b); teacher_norm [B]
     = teacher_self_norm(encoded, factor, weights, mask, eps, estimator), computed here if
-    None (pass it to skip the teacher's self term). With weighted centring the bias cancels
-    (Zc_T = Xc W^T), so the cross term is ||Zc_S^T Xc F||_F^2 with F F^T ~ W^T W: cost
-    O(T Ds Denc + Ds Denc r) or O(T Denc r + T Ds r), never forming the Dt-wide Z_T.
-    The debiased estimator is offset-invariant too, so it works on Y = Xc' F the same way.
-    Equals aw_cka(student, X W^T + b, weights, mask, eps, estimator) up to float error.
+    None. With weighted centring the bias cancels (Zc_T = Xc W^T), and F F^T ~ W^T W, so
+    Y = Xc' F [T, r] stands for Z_T: O(T Denc r) on the teacher's side (teacher_side, a
+    constant of the clip), O(T Ds r) or O(T^2 (Ds + r)) per step (aw_cka_teacher), never
+    forming the Dt-wide Z_T. The debiased estimator is offset-invariant too, so it works on
+    Y the same way. Equals aw_cka(student, X W^T + b, weights, mask, eps, estimator) up to
+    float error.
     """
-    _check_estimator(estimator)
-    with _no_autocast(student):
-        w, m = _step_weights(weights, mask)
-        zs, deg_s = _centre_features(student, w, m, eps)
-        x, factor = _encoder_inputs(encoded, m), factor.float()
-        if teacher_norm is None:
-            teacher_norm = _teacher_norm(x, factor, w, m, eps, estimator)
-        zs = _weighted(zs, w) if estimator == "biased" else zs
-        cross, self_s = _encoded_terms(zs, x, factor, w, m, eps, estimator)
-        return _safe_cka(cross, self_s, teacher_norm.float().square(), deg_s | _too_few_steps(w, estimator))
+    return aw_cka_teacher(student, teacher_side(encoded, factor, weights, mask, eps, estimator, teacher_norm), eps)
 
 
 # --------------------------------------------------------------------------- logits KL
@@ -434,6 +458,93 @@ def full_kl(
         return _masked_mean(kl, mask) * temperature**2
 
 
+class KLTargets(NamedTuple):
+    """The teacher's side of bucketed_kl, a constant of the clips (kl_targets): per position,
+    the buckets' renormalised probabilities and what the student's side needs to read them."""
+
+    ids: Tensor  # [B, L, k] student ids of the top-k buckets (0 where dropped)
+    p: Tensor  # [B, L, k] p_i / z (0 where dropped)
+    tail: Tensor  # [B, L] r / z
+    cover: Tensor  # [B, L, k] ids taken out of the tail bucket (a dropped slot repeats a kept id)
+    mass: Tensor  # [B, L] sum_i p_i / z + r / z: 1 where the position has teacher mass, else 0
+    neg_entropy: Tensor  # [B, L] sum_i p'_i log p'_i + r' log r'
+
+    def to(self, device) -> "KLTargets":
+        return KLTargets(*(t.to(device) for t in self))
+
+
+def kl_targets(teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor, vocab: int) -> KLTargets:
+    """The teacher's side of bucketed_kl over a vocabulary of `vocab` student ids (see there):
+    computed once per clip, so a training step reads the student's logits only at the buckets."""
+    with torch.no_grad(), _no_autocast(teacher_topk_logprobs):
+        m = mask.bool()[..., None]
+        keep = m & (teacher_topk_ids >= 0) & (teacher_topk_ids < vocab)
+        ids = torch.where(keep, teacher_topk_ids, 0)
+        logp = teacher_topk_logprobs.float()
+        p = torch.where(m, logp.exp(), 0.0)  # no mass on padding
+        kept_mass = torch.where(keep, p, 0.0).sum(-1)
+        dropped_mass = torch.where(keep, 0.0, p).sum(-1)
+        if ids.shape[-1] >= vocab:  # only then can the kept ids cover the whole vocabulary
+            covered = torch.zeros(*ids.shape[:-1], vocab, device=ids.device).scatter_add_(-1, ids, keep.float())
+            full_cover = (covered > 0).sum(-1) >= vocab
+        else:
+            full_cover = torch.zeros_like(kept_mass, dtype=torch.bool)
+        # No kept id: all the teacher's remaining mass and all the student's mass lie in the tail: KL 0.
+        r = torch.where(full_cover | ~keep.any(-1), 0.0, (1.0 - kept_mass - dropped_mass).clamp_min(0.0))
+        z = kept_mass + r  # = 1 - dropped mass: normaliser of the kept buckets
+        valid = z > 0
+        log_z = torch.where(valid, z, 1.0).log()
+        p = torch.where(keep & valid[..., None], p / torch.where(valid, z, 1.0)[..., None], 0.0)
+        tail = torch.where(valid, r / torch.where(valid, z, 1.0), 0.0)
+        neg_entropy = (torch.where(p > 0, p * (logp - log_z[..., None]), 0.0).sum(-1)
+                       + torch.where(tail > 0, tail * torch.where(tail > 0, tail, 1.0).log(), 0.0))
+        first_kept = ids.gather(-1, keep.int().argmax(-1, keepdim=True))
+        cover = torch.where(keep, ids, first_kept)
+        return KLTargets(ids, p, tail, cover, p.sum(-1) + tail, neg_entropy)
+
+
+class _BucketedKL(torch.autograd.Function):
+    """Per-position KL_b of kl_from_targets from the student's logits s and u = s / T, with its gradient
+    dKL_b/ds = ((sum_i p'_i + r') q - r' q_tail - p' (at the bucket ids)) / T, q = softmax(u), q_tail =
+    softmax of u over the tail ids: one exp per log-sum-exp and none in the backward pass (autograd
+    through two logsumexps and a gather makes about twice the passes over [B, L, V])."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, t: KLTargets, temperature: float) -> Tensor:
+        u = logits.float() / temperature
+        a = u.amax(-1, keepdim=True)
+        q = (u - a).exp_()
+        s = q.sum(-1, keepdim=True)
+        tail_u = u.scatter(-1, t.cover, _MIN)
+        a_tail = tail_u.amax(-1, keepdim=True)
+        q_tail = tail_u.sub_(a_tail).exp_()
+        s_tail = q_tail.sum(-1, keepdim=True)
+        ctx.temperature = temperature
+        ctx.save_for_backward(q.div_(s), q_tail.div_(s_tail), t.ids, t.p, t.tail, t.mass)
+        lse, lse_tail = (a + s.log())[..., 0], (a_tail + s_tail.log())[..., 0]
+        return t.neg_entropy + t.mass * lse - (t.p * u.gather(-1, t.ids)).sum(-1) - t.tail * lse_tail
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
+        q, q_tail, ids, p, tail, mass = ctx.saved_tensors
+        g = g / ctx.temperature
+        grad = q.mul_((g * mass)[..., None]).addcmul_(q_tail, (g * tail)[..., None], value=-1)
+        return grad.scatter_add_(-1, ids, -(g[..., None] * p)), None, None
+
+
+def kl_from_targets(student_logits: Tensor, targets: KLTargets, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """bucketed_kl from the teacher's side kl_targets(...) (over every position the mask may
+    select): with u = student_logits / T, lse = log sum_v exp u_v, log q_i = u_i - lse and
+    log q_tail = lse_tail - lse (lse_tail over the ids outside the top-k),
+
+        KL_b = sum_i p'_i log p'_i + r' log r' + (sum_i p'_i + r') lse - sum_i p'_i u_i - r' lse_tail.
+
+    Per-clip mean over mask, times T^2."""
+    with _no_autocast(student_logits):
+        return _masked_mean(_BucketedKL.apply(student_logits, targets, temperature), mask) * temperature**2
+
+
 def bucketed_kl(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
@@ -457,44 +568,18 @@ def bucketed_kl(
 
     Vocabulary mismatch: teacher ids >= V (outside the student's vocabulary) are
     dropped and the remaining teacher buckets (kept top-k and tail) are renormalised
-    by 1 - (dropped mass). Teacher tail mass on ids >= V cannot be told apart and stays
-    in the tail -- except when the kept ids cover all V student ids, where the whole
-    tail must lie beyond V and is dropped too (so k >= V gives the dense KL of the
-    teacher restricted to the student's vocabulary).
+    by z = 1 - (dropped mass). Teacher tail mass on ids >= V cannot be told apart and
+    stays in the tail -- except when the kept ids cover all V student ids, where the
+    whole tail must lie beyond V and is dropped too (so k >= V gives the dense KL of
+    the teacher restricted to the student's vocabulary).
 
     q_tail is computed exactly as a log-sum-exp over the non-top-k student logits,
-    not as 1 - sum (which loses precision when the student is confident); this costs
-    one temporary of the size of student_logits.
+    not as 1 - sum (which loses precision when the student is confident). Everything
+    that depends only on the teacher is kl_targets (computed once per clip in
+    training); the student's side is kl_from_targets.
     """
-    with _no_autocast(student_logits):
-        vocab = student_logits.shape[-1]
-        logq = F.log_softmax(student_logits.float() / temperature, dim=-1)
-
-        m = mask.bool()[..., None]
-        keep = m & (teacher_topk_ids >= 0) & (teacher_topk_ids < vocab)
-        ids = torch.where(keep, teacher_topk_ids, 0)
-        logp = torch.where(m, teacher_topk_logprobs.float(), _MIN)  # no mass on padding
-        p = logp.exp()
-        kept_mass = torch.where(keep, p, 0.0).sum(-1)
-        dropped_mass = torch.where(keep, 0.0, p).sum(-1)
-        covered = torch.zeros_like(logq).scatter_add_(-1, ids, keep.float()) > 0
-        full_cover = covered.sum(-1) >= vocab
-        r = torch.where(full_cover, 0.0, (1.0 - kept_mass - dropped_mass).clamp_min(0.0))
-        z = kept_mass + r  # = 1 - dropped mass: normaliser of the kept buckets
-        valid = z > 0  # some teacher mass left in the student's vocabulary
-        z = torch.where(valid, z, 1.0)
-
-        # Top-k buckets.
-        logq_k = logq.gather(-1, ids)
-        head = torch.where(keep & (p > 0), p * (logp - logq_k), 0.0).sum(-1)
-        # Tail bucket: log q_tail = logsumexp of log q over ids outside the top-k.
-        logq_tail = torch.logsumexp(logq.masked_fill(covered, _MIN), dim=-1)
-        safe_r = torch.where(r > 0, r, 1.0)
-        tail = torch.where(r > 0, r * (safe_r.log() - logq_tail), 0.0)
-
-        # Renormalised p' = p / z, r' = r / z:  KL' = (head + tail) / z - log z.
-        kl = torch.where(valid, (head + tail) / z - z.log(), 0.0)
-        return _masked_mean(kl, mask) * temperature**2
+    targets = kl_targets(teacher_topk_ids, teacher_topk_logprobs, mask, student_logits.shape[-1])
+    return kl_from_targets(student_logits, targets, mask, temperature)
 
 
 # --------------------------------------------------------------------------- CE

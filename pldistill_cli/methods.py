@@ -7,15 +7,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .forward import forward_from_encoder, step_mask
-from .losses import (answer_cross_entropy, aw_cka_encoded, aw_cka_gram, bucketed_kl, teacher_factor,
-                     teacher_self_norm)
+from .losses import (KLTargets, TeacherSide, answer_cross_entropy, aw_cka_gram, aw_cka_teacher, kl_from_targets,
+                     kl_targets, teacher_factor, teacher_side)
 from .prompt import PromptLayout
 
 
+# The teacher's constants of a clip (Teacher.constants), kept per cached row for a whole run: AW-CKA's
+# teacher side (its normaliser, its features Y and step weights w) and the KL's buckets.
+CONSTANTS = ("teacher_norm", "cka_y", "cka_w", *(f"kl_{name}" for name in KLTargets._fields))
+
+
 class TargetCollate:
-    """Pads cached rows into a batch (right padding); attention and top-k only where the rows carry them."""
+    """Pads cached rows into a batch (right padding); attention, top-k and the teacher's constants only
+    where the rows carry them."""
 
     def __init__(self, prompt: PromptLayout):
         self.prompt = prompt
@@ -34,8 +41,10 @@ class TargetCollate:
             "answer_mask": torch.zeros(b, s_max, dtype=torch.bool),
             "kl_mask": torch.zeros(b, s_max - 1, dtype=torch.bool),
         }
-        if "teacher_norm" in items[0]:
-            out["teacher_norm"] = torch.stack([i["teacher_norm"] for i in items])
+        for key in CONSTANTS:  # [] -> [B]; [T, ...] or [S - 1, ...] -> zero-padded [B, T_max or S_max - 1, ...]
+            if key in items[0]:
+                values = [i[key] for i in items]
+                out[key] = torch.stack(values) if values[0].dim() == 0 else pad_sequence(values, batch_first=True)
         if "attention" in items[0]:
             out["attention"] = torch.zeros(b, t_max)
         if "gram" in items[0]:
@@ -113,11 +122,40 @@ class Teacher:
     def cka_weights(self, method: Method, batch: dict, mask: torch.Tensor) -> torch.Tensor:
         return batch["attention"] if method.projector == "aw_cka" else mask.float()
 
-    def norms(self, method: Method, batch: dict) -> torch.Tensor:
-        """The teacher's CKA normaliser of each clip: a constant of the cached clip, computed once."""
+    def side(self, method: Method, batch: dict) -> TeacherSide:
+        """AW-CKA's teacher side of the batch: as kept by Teacher.constants, or computed now
+        (losses.teacher_side, no gradient) with the normaliser computed once if there is one."""
         mask = step_mask(batch["lengths"], batch["encoded"].shape[1])
-        return teacher_self_norm(batch["encoded"], self.factor, self.cka_weights(method, batch, mask), mask,
-                                 estimator=self.estimator)
+        if "cka_y" in batch:
+            return TeacherSide(batch["cka_y"], batch["cka_w"], mask, batch["teacher_norm"], self.estimator)
+        return teacher_side(batch["encoded"], self.factor, self.cka_weights(method, batch, mask), mask,
+                            estimator=self.estimator, norm=batch.get("teacher_norm"))
+
+    def norms(self, method: Method, batch: dict) -> torch.Tensor:
+        """The teacher's CKA normaliser of each clip of the batch, computed from its cached rows."""
+        return self.side(method, {k: v for k, v in batch.items() if k not in CONSTANTS}).norm
+
+    def kl(self, batch: dict, vocab: int) -> KLTargets:
+        """The KL's buckets over the student's `vocab` at every position: as kept, or computed now."""
+        if "kl_p" in batch:
+            return KLTargets(*(batch[f"kl_{name}"] for name in KLTargets._fields))
+        return kl_targets(batch["topk_ids"], batch["topk_logprobs"], batch["kl_mask"], vocab)
+
+    def constants(self, method: Method, batch: dict, vocab: int) -> list[dict[str, torch.Tensor]]:
+        """Per clip of a collated batch, unpadded: what the teacher contributes that is a constant of the
+        clip (AW-CKA's teacher side, the KL's buckets), to compute once and keep for a whole run, so that
+        a training step computes only the student's side (CONSTANTS)."""
+        out: list[dict[str, torch.Tensor]] = [{} for _ in batch["labels"]]
+        steps, positions = batch["lengths"].tolist(), (batch["attention_mask"].sum(-1) - 1).tolist()
+        if method.projector in ("aw_cka", "cka") and "gram" not in batch:
+            side = self.side(method, batch)
+            for i, row in enumerate(out):
+                row.update(teacher_norm=side.norm[i], cka_y=side.y[i, : steps[i]], cka_w=side.w[i, : steps[i]])
+        if method.kl:
+            for name, value in self.kl(batch, vocab)._asdict().items():
+                for i, row in enumerate(out):
+                    row[f"kl_{name}"] = value[i, : positions[i]]
+        return out
 
 
 def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, lambda_p: float, lambda_l: float,
@@ -135,17 +173,16 @@ def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, l
             terms["mse"] = (error * mask).sum() / mask.sum()
             loss = loss + lambda_p * terms["mse"]
         else:
-            weights = teacher.cka_weights(method, batch, mask)
             if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
-                cka = aw_cka_gram(projected, batch["gram"], weights, mask, estimator=teacher.estimator)
-            else:  # exact, in encoder space: never forms Z_T; its normaliser is precomputed when given
-                cka = aw_cka_encoded(projected, batch["encoded"], teacher.factor, weights, mask,
-                                     estimator=teacher.estimator, teacher_norm=batch.get("teacher_norm"))
+                cka = aw_cka_gram(projected, batch["gram"], teacher.cka_weights(method, batch, mask), mask,
+                                  estimator=teacher.estimator)
+            else:  # exact, in encoder space: never forms Z_T
+                cka = aw_cka_teacher(projected, teacher.side(method, batch))
             terms["cka"] = cka.mean()
             loss = loss + lambda_p * (1 - terms["cka"])
     if method.kl:
         positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
-        terms["kl"] = bucketed_kl(logits[:, :-1], batch["topk_ids"], batch["topk_logprobs"], positions,
-                                  teacher.temperature).mean()
+        terms["kl"] = kl_from_targets(logits[:, :-1], teacher.kl(batch, logits.shape[-1]), positions,
+                                      teacher.temperature).mean()
         loss = loss + lambda_l * terms["kl"]
     return {"loss": loss, **terms}

@@ -5,11 +5,11 @@ C, ... after a warm-up) so that drifts of the machine hit all of them alike:
   full+proj   aw_cka(student, X W^T + b)        what distill.py does with an encoder cache
   full        aw_cka(student, Z_T)              Z_T given (a feature cache)
   encoded     aw_cka_encoded(student, X, F, teacher_norm=...)   F, teacher_norm precomputed
+  step        aw_cka_teacher(student, teacher_side(X, F, ...))  the teacher side kept, as distill does
 for each estimator; prints the median and min over the repeats (ms) and median ratios.
 
-LDist (--kl): bucketed_kl, forward + backward, next to the part of its forward that depends on
-the teacher alone (tail mass r and the teacher's bucketed negative entropy), i.e. what passing
-those precomputed could save at most.
+LDist (--kl): bucketed_kl, forward + backward, next to what distill's step computes (kl_from_targets,
+the teacher's side kl_targets kept) and to kl_targets alone.
 
 Usage: python scripts/bench_losses.py [--lengths 75 250 750] [--batch 2] [--repeats 15]
                                       [--threads 1] [--device cpu] [--kl]
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from pldistill_cli.losses import (ESTIMATORS, aw_cka, aw_cka_encoded, bucketed_kl, teacher_factor,
-                                  teacher_self_norm, topk_logprobs)
+from pldistill_cli.losses import (ESTIMATORS, aw_cka, aw_cka_encoded, aw_cka_teacher, bucketed_kl, kl_from_targets,
+                                  kl_targets, teacher_factor, teacher_self_norm, teacher_side, topk_logprobs)
 
 
 def _sync(device: torch.device) -> None:
@@ -69,31 +69,20 @@ def bench_pdist(lengths, batch, ds, denc, dt, repeats, device) -> None:
         factor = teacher_factor(weight, bias)
         for est in ESTIMATORS:
             norm = teacher_self_norm(encoded, factor, w, mask, estimator=est)
+            side = teacher_side(encoded, factor, w, mask, estimator=est)
             fns = {
                 "full+proj": fwd_bwd(lambda: aw_cka(student, encoded @ weight.T + bias, w, mask, estimator=est),
                                      student),
                 "full": fwd_bwd(lambda: aw_cka(student, teacher, w, mask, estimator=est), student),
                 "encoded": fwd_bwd(lambda: aw_cka_encoded(student, encoded, factor, w, mask, estimator=est,
                                                           teacher_norm=norm), student),
+                "step": fwd_bwd(lambda: aw_cka_teacher(student, side), student),
             }
             times = interleaved(fns, device, repeats)
             med = {k: statistics.median(v) for k, v in times.items()}
             cells = "  ".join(f"{k} {1e3 * med[k]:7.2f} / {1e3 * min(v):7.2f}" for k, v in times.items())
             print(f"T={t:4d} {est:8s}  {cells}   full/encoded {med['full'] / med['encoded']:.2f}x"
                   f"  full+proj/encoded {med['full+proj'] / med['encoded']:.2f}x")
-
-
-def teacher_only_kl_part(ids, logprobs, mask, vocab):
-    """The teacher-only forward work of bucketed_kl: bucket masses, tail r and sum p log p + r log r
-    (without the [B, L, V] coverage test, which the student side needs anyway)."""
-    m = mask[..., None]
-    keep = m & (ids >= 0) & (ids < vocab)
-    logp = torch.where(m, logprobs, torch.finfo(torch.float32).min)
-    p = logp.exp()
-    kept = torch.where(keep, p, 0.0).sum(-1)
-    r = (1.0 - kept - torch.where(keep, 0.0, p).sum(-1)).clamp_min(0.0)
-    neg_entropy = torch.where(keep & (p > 0), p * logp, 0.0).sum(-1)
-    return neg_entropy + torch.where(r > 0, r * torch.where(r > 0, r, 1.0).log(), 0.0)
 
 
 def bench_kl(batch, positions, k, vocabs, repeats, device) -> None:
@@ -103,9 +92,11 @@ def bench_kl(batch, positions, k, vocabs, repeats, device) -> None:
         student = (2 * torch.randn(batch, positions, v, generator=gen)).to(device).requires_grad_(True)
         ids, logprobs = topk_logprobs((2 * torch.randn(batch, positions, v, generator=gen)).to(device), k, 2.0)
         mask = torch.ones(batch, positions, dtype=torch.bool, device=device)
+        targets = kl_targets(ids, logprobs, mask, v)
         fns = {
             "bucketed_kl fwd+bwd": fwd_bwd(lambda: bucketed_kl(student, ids, logprobs, mask, 2.0), student),
-            "teacher-only part": lambda: teacher_only_kl_part(ids, logprobs, mask, v),
+            "step": fwd_bwd(lambda: kl_from_targets(student, targets, mask, 2.0), student),
+            "teacher-only part": lambda: kl_targets(ids, logprobs, mask, v),
         }
         times = interleaved(fns, device, repeats)
         med = {name: statistics.median(t) for name, t in times.items()}

@@ -571,8 +571,8 @@ def test_unknown_estimator_is_an_error() -> None:
 
 # ----------------------------------------------------------------------------- AW-CKA in encoder space
 
-# (t, ds, denc, dt): Dt > Denc and Dt < Denc; the shapes take each route of aw_cka_encoded
-# (biased: (Zs^T Xc) F, Y = Xc F with cross-products, Y with Grams).
+# (t, ds, denc, dt): Dt > Denc and Dt < Denc; the shapes take each route of aw_cka_encoded's step
+# (aw_cka_teacher: cross-products or T x T Grams against Y = Xc' F) with either estimator.
 ENCODED_SHAPES = [(40, 4, 5, 8), (30, 20, 5, 4), (12, 40, 30, 50), (20, 8, 12, 30), (9, 12, 20, 7)]
 
 
@@ -826,6 +826,43 @@ def test_gradient_finite_and_flows(k: int) -> None:
     assert out.dtype == torch.float32
     out.sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def _autograd_bucketed_kl(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor, vocab_drop: bool,
+                          temperature: float) -> torch.Tensor:
+    """The bucketed KL by plain float64 autograd from dense q (q_tail = 1 - sum q_i), teacher ids >= V dropped
+    and the rest renormalised: an independent reference for the hand-written backward."""
+    q = torch.softmax(s.double() / temperature, -1)
+    keep = (ids < s.shape[-1]) & mask[..., None]
+    p = lp.double().exp()
+    z = 1 - torch.where(keep, 0.0, p).sum(-1) if vocab_drop else torch.ones_like(p[..., 0])
+    pk, qk = torch.where(keep, p, 0.0) / z[..., None], q.gather(-1, torch.where(keep, ids, 0))
+    r = 1 - pk.sum(-1)
+    q_tail = 1 - torch.where(keep, qk, 0.0).sum(-1)
+    kl = torch.where(keep, pk * (pk.clamp_min(1e-300).log() - qk.log()), 0.0).sum(-1) + r * (r.log() - q_tail.log())
+    return torch.where(mask, kl, 0.0).sum(-1) / mask.sum(-1) * temperature**2
+
+
+@pytest.mark.parametrize("extra", [0, 5])
+def test_the_gradient_is_that_of_plain_autograd(extra: int) -> None:
+    """bucketed_kl's hand-written backward (one exp per log-sum-exp) equals float64 autograd of the textbook
+    formula, with teacher ids beyond the student's vocabulary (extra; at one position all of its top-k, so
+    no teacher mass is left there) and a masked position."""
+    v, k, temperature = 12, 4, 2.0
+    s = _logits(2, 5, v).requires_grad_(True)
+    t = _logits(2, 5, v + extra)
+    t[..., v:] += 4.0  # out-of-vocabulary ids in the top-k
+    t[0, 2, v:] += 20.0
+    ids, lp = topk_logprobs(t, k, temperature)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3] = False
+    weights = torch.tensor([0.7, -1.3])  # a weighted sum, so each clip's gradient is scaled differently
+    (grad,) = torch.autograd.grad((bucketed_kl(s, ids, lp, mask, temperature) * weights).sum(), s)
+    s64 = s.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad((_autograd_bucketed_kl(s64, ids, lp, mask, extra > 0, temperature)
+                                       * weights.double()).sum(), s64)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(grad[1, 3], torch.zeros(v))
 
 
 def test_bf16_student_under_autocast() -> None:

@@ -10,8 +10,8 @@ import torch
 from pldistill_cli.config import MethodName
 from pldistill_cli.forward import forward_from_encoder, step_mask
 from pldistill_cli.labels import label_set
-from pldistill_cli.losses import aw_cka, bucketed_kl, topk_logprobs
-from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
+from pldistill_cli.losses import KLTargets, aw_cka, bucketed_kl, topk_logprobs
+from pldistill_cli.methods import CONSTANTS, METHODS, TargetCollate, Teacher, distillation_terms
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset
 from pldistill_cli.prompt import PromptLayout
 
@@ -139,20 +139,45 @@ def test_the_total_loss_is_ce_plus_the_weighted_terms(setup, method, estimator):
     torch.testing.assert_close(terms["loss"], torch.as_tensor(total), atol=1e-5, rtol=1e-5)
 
 
+def _rows(batch: dict) -> list[dict]:
+    """The batch's clips as the cache's rows (unpadded)."""
+    rows = []
+    for i, label in enumerate(batch["labels"]):
+        t, s = int(batch["lengths"][i]), int(batch["attention_mask"][i].sum())
+        rows.append({"index": i, "label": label, "input_ids": batch["input_ids"][i, :s],
+                     "encoded": batch["encoded"][i, :t], "attention": batch["attention"][i, :t],
+                     "topk_ids": batch["topk_ids"][i, : s - 1], "topk_logprobs": batch["topk_logprobs"][i, : s - 1]})
+    return rows
+
+
 @pytest.mark.parametrize("estimator", ["biased", "debiased"])
-def test_precomputed_teacher_norms_change_nothing(setup, estimator):
-    student, batch, weight, bias, _ = setup
+def test_the_teachers_constants_kept_per_clip_change_nothing_and_are_used(setup, estimator):
+    """Teacher.constants, computed once per clip (as distill does before training) and batched again by the
+    collate in another order (other padding): the same loss terms as computing them in the step; and the
+    kept ones are what the step reads (a doubled normaliser halves every CKA, empty KL buckets give KL 0)."""
+    student, batch, weight, bias, prompt = setup
     teacher = Teacher.of(weight, bias, 2.0, estimator)
+    vocab = student.config.text_config.vocab_size
+    kept_keys = {"pdist": {"teacher_norm", "cka_y", "cka_w"}, "kd": {f"kl_{f}" for f in KLTargets._fields}}
+    kept_keys["pl-distill"] = kept_keys["cka"] = kept_keys["pdist"] | kept_keys["kd"]
     with torch.no_grad():
-        for method in ("pl-distill", "cka", "pdist"):
-            plain = distillation_terms(student, batch, METHODS[method], teacher, 1.0, 1.0)
-            norms = teacher.norms(METHODS[method], batch)
-            given = distillation_terms(student, {**batch, "teacher_norm": norms}, METHODS[method], teacher, 1.0, 1.0)
-            torch.testing.assert_close(given["cka"], plain["cka"], rtol=0, atol=1e-6)
-            # the cached normaliser is the one used: doubling it halves every clip's CKA
-            doubled = distillation_terms(student, {**batch, "teacher_norm": 2 * norms}, METHODS[method], teacher,
-                                         1.0, 1.0)
-            torch.testing.assert_close(doubled["cka"], plain["cka"] / 2, rtol=0, atol=1e-6)
+        for method in ("pl-distill", "cka", "pdist", "kd"):
+            plain = distillation_terms(student, batch, METHODS[method], teacher, 0.3, 1.7)
+            kept = teacher.constants(METHODS[method], batch, vocab)
+            assert set(kept[0]) == kept_keys[method] and set(kept_keys[method]) <= set(CONSTANTS)
+            again = TargetCollate(prompt)([{**_rows(batch)[i], **kept[i]} for i in (2, 0, 1)])
+            terms = distillation_terms(student, again, METHODS[method], teacher, 0.3, 1.7)
+            assert set(terms) == set(plain)
+            for key in plain:
+                torch.testing.assert_close(terms[key], plain[key], rtol=0, atol=1e-6)
+            if "cka" in plain:
+                doubled = {**again, "teacher_norm": 2 * again["teacher_norm"]}
+                cka = distillation_terms(student, doubled, METHODS[method], teacher, 1.0, 1.0)["cka"]
+                torch.testing.assert_close(cka, plain["cka"] / 2, rtol=0, atol=1e-6)
+            if "kl" in plain:
+                empty = {**again, **{f"kl_{f}": torch.zeros_like(again[f"kl_{f}"])
+                                     for f in ("p", "tail", "mass", "neg_entropy")}}
+                assert distillation_terms(student, empty, METHODS[method], teacher, 1.0, 1.0)["kl"] == 0
 
 
 @pytest.mark.parametrize("estimator", ["biased", "debiased"])
