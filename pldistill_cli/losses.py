@@ -325,9 +325,6 @@ class TeacherSide(NamedTuple):
     norm: Tensor  # [B] sqrt of the teacher's self term, 0 where degenerate or with too few steps
     estimator: str
 
-    def to(self, device) -> "TeacherSide":
-        return self._replace(**{k: v.to(device) for k, v in self._asdict().items() if torch.is_tensor(v)})
-
 
 def teacher_side(
     encoded: Tensor,
@@ -469,9 +466,6 @@ class KLTargets(NamedTuple):
     mass: Tensor  # [B, L] sum_i p_i / z + r / z: 1 where the position has teacher mass, else 0
     neg_entropy: Tensor  # [B, L] sum_i p'_i log p'_i + r' log r'
 
-    def to(self, device) -> "KLTargets":
-        return KLTargets(*(t.to(device) for t in self))
-
 
 def kl_targets(teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, mask: Tensor, vocab: int) -> KLTargets:
     """The teacher's side of bucketed_kl over a vocabulary of `vocab` student ids (see there):
@@ -485,7 +479,7 @@ def kl_targets(teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, mask: Te
         kept_mass = torch.where(keep, p, 0.0).sum(-1)
         dropped_mass = torch.where(keep, 0.0, p).sum(-1)
         if ids.shape[-1] >= vocab:  # only then can the kept ids cover the whole vocabulary
-            covered = torch.zeros(*ids.shape[:-1], vocab, device=ids.device).scatter_add_(-1, ids, keep.float())
+            covered = p.new_zeros((*ids.shape[:-1], vocab)).scatter_add_(-1, ids, keep.float())
             full_cover = (covered > 0).sum(-1) >= vocab
         else:
             full_cover = torch.zeros_like(kept_mass, dtype=torch.bool)
@@ -529,11 +523,12 @@ class _BucketedKL(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:
         q, q_tail, ids, p, tail, mass = ctx.saved_tensors
         g = g / ctx.temperature
-        grad = q.mul_((g * mass)[..., None]).addcmul_(q_tail, (g * tail)[..., None], value=-1)
+        # out of place: a retained graph may run this backward again on the same saved q
+        grad = (q * (g * mass)[..., None]).addcmul_(q_tail, (g * tail)[..., None], value=-1)
         return grad.scatter_add_(-1, ids, -(g[..., None] * p)), None, None
 
 
-def kl_from_targets(student_logits: Tensor, targets: KLTargets, mask: Tensor, temperature: float = 1.0) -> Tensor:
+def kl_from_targets(student_logits: Tensor, targets: KLTargets, mask: Tensor, temperature: float) -> Tensor:
     """bucketed_kl from the teacher's side kl_targets(...) (over every position the mask may
     select): with u = student_logits / T, lse = log sum_v exp u_v, log q_i = u_i - lse and
     log q_tail = lse_tail - lse (lse_tail over the ids outside the top-k),

@@ -24,8 +24,8 @@ from test_losses import ref_debiased_cka, ref_weighted_cka
 from pldistill_cli.errors import PldistillError
 from pldistill_cli.labels import label_set
 from pldistill_cli.layout import Layout
-from pldistill_cli.losses import (aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl, teacher_factor,
-                                  topk_logprobs)
+from pldistill_cli.losses import (_safe_cka, aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl,
+                                  teacher_factor, topk_logprobs)
 from pldistill_cli.methods import TargetCollate, Teacher
 from pldistill_cli.metrics import (UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline,
                                    paired_comparison)
@@ -133,6 +133,15 @@ def test_short_clips(route: str) -> None:
     np.testing.assert_allclose(biased.numpy(), expected, rtol=0, atol=1e-5)
     assert all(abs(e) > 0.05 for e in expected)
     assert _cka(route, student, encoded, weight, None, w, mask, "debiased").tolist() == [0.0] * 4
+
+
+def test_a_similarity_with_a_zero_self_term_on_either_side_is_zero() -> None:
+    """_safe_cka's contract: 0 (not inf or NaN, with finite gradients) wherever either self term is 0, as a
+    debiased self term below its resolution is, even when no side was flagged constant."""
+    num = torch.tensor([0.5, 0.5, 0.5], requires_grad=True)
+    out = _safe_cka(num, torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 0.0]), torch.zeros(3, dtype=torch.bool))
+    out.sum().backward()
+    assert out.tolist() == [0.5, 0.0, 0.0] and num.grad.tolist() == [1.0, 0.0, 0.0]
 
 
 def test_teacher_of_keeps_the_bias_for_the_constant_teacher_check() -> None:
@@ -770,6 +779,15 @@ def test_retrain_runs_the_chosen_epoch_count_without_validation(tmp_path) -> Non
     plain, _ = run([], lambda step, batches: train_with_validation(
         step, batches, None, LoopSettings(2, 0.05, 0.0, 1.0), 4, tmp_path / "plain", "fp", "plain"))
     for a, b in zip(refit.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Another run's refit in the same work folder (another fingerprint) starts afresh: the finished state
+    # left there belongs to the first run.
+    slower = LoopSettings(4, 0.01, 0.0, 1.0, patience=3)
+    other, _ = run([], lambda step, batches: retrain(step, batches, slower, chosen, 4, tmp_path / "work", "fp2",
+                                                     "refit", clips=12))
+    plain, _ = run([], lambda step, batches: train_with_validation(
+        step, batches, None, LoopSettings(2, 0.01, 0.0, 1.0), 4, tmp_path / "plain2", "fp", "plain"))
+    for a, b in zip(other.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pldistill_cli.losses import (aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl, teacher_factor,
-                                  teacher_self_norm, topk_logprobs)
+                                  teacher_self_norm, teacher_side, topk_logprobs)
 
 
 @pytest.fixture(autouse=True)
@@ -254,7 +254,7 @@ def test_constant_teacher_gram_is_degenerate(estimator: str) -> None:
         assert torch.equal(out, torch.zeros(64))
 
 
-@pytest.mark.parametrize("route", ["features", "gram"])
+@pytest.mark.parametrize("route", ["features", "gram", "encoded"])
 def test_a_variance_of_exactly_eps_times_the_second_moment_counts_as_constant(route: str) -> None:
     """The constant-clip rule is inclusive: variance AT MOST eps times the second moment. Dyadic data keep
     both exact in float32: under uniform weights the teacher (1, 1, 0, 0) has mean 1/2, second moment 1/2
@@ -268,8 +268,10 @@ def test_a_variance_of_exactly_eps_times_the_second_moment_counts_as_constant(ro
     for eps, want in ((0.5, 0.0), (0.49, expected)):
         if route == "features":
             out = aw_cka(student, teacher, w, eps=eps)
-        else:  # the raw Gram [[1, 1, 0, 0], [1, 1, 0, 0], 0, 0] centres exactly too
+        elif route == "gram":  # the raw Gram [[1, 1, 0, 0], [1, 1, 0, 0], 0, 0] centres exactly too
             out = aw_cka_gram(student, teacher @ teacher.mT, w, eps=eps)
+        else:  # sides swapped (CKA is symmetric): the rule must hold for the student's side of a step too
+            out = aw_cka_encoded(teacher, student, teacher_factor(torch.eye(2)), w, eps=eps)
         assert out.item() == pytest.approx(want, abs=1e-6), eps
 
 
@@ -636,6 +638,11 @@ def test_precomputed_teacher_norm(estimator: str) -> None:
     torch.testing.assert_close(singles, norm, rtol=1e-5, atol=0)
     torch.testing.assert_close(aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator,
                                               teacher_norm=singles), with_norm, rtol=0, atol=1e-6)
+    # The given normaliser is the one used: doubled, it halves every clip's CKA.
+    torch.testing.assert_close(aw_cka_encoded(student, encoded, factor, w, mask, estimator=estimator,
+                                              teacher_norm=2 * norm), with_norm / 2, rtol=1e-6, atol=0)
+    if estimator == "biased":  # the documented default
+        assert torch.equal(teacher_side(encoded, factor, w, mask).norm, norm)
 
 
 @pytest.mark.parametrize("estimator", ["biased", "debiased"])
@@ -759,8 +766,11 @@ def test_zero_for_identical_logits(k: int) -> None:
         assert torch.allclose(out, torch.zeros(2), atol=1e-5)
 
 
-def test_teacher_ids_beyond_student_vocab_are_dropped() -> None:
-    v, extra, k, temperature = 14, 5, 9, 1.5
+@pytest.mark.parametrize("k", [9, 14])
+def test_teacher_ids_beyond_student_vocab_are_dropped(k: int) -> None:
+    """Also with k = V: 5 of the top 14 ids lie beyond the vocabulary, so each position covers only 9 of
+    the student's 14 ids and keeps its tail bucket (full cover is per position, not per batch)."""
+    v, extra, temperature = 14, 5, 1.5
     s = _logits(2, 4, v)
     t = _logits(2, 4, v + extra)
     t[..., v:] += 6.0  # make the out-of-vocabulary ids part of the teacher's top-k
@@ -863,6 +873,10 @@ def test_the_gradient_is_that_of_plain_autograd(extra: int) -> None:
                                        * weights.double()).sum(), s64)
     torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-6)
     assert torch.equal(grad[1, 3], torch.zeros(v))
+    # a retained graph runs the backward again with the same result (as the report's gradient probes do)
+    out = (bucketed_kl(s, ids, lp, mask, temperature) * weights).sum()
+    first = torch.autograd.grad(out, s, retain_graph=True)[0]
+    assert torch.equal(torch.autograd.grad(out, s)[0], first)
 
 
 def test_bf16_student_under_autocast() -> None:

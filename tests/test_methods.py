@@ -170,9 +170,23 @@ def test_the_teachers_constants_kept_per_clip_change_nothing_and_are_used(setup,
             assert set(terms) == set(plain)
             for key in plain:
                 torch.testing.assert_close(terms[key], plain[key], rtol=0, atol=1e-6)
+            # two of the clips, without the longest: shorter padding than the constants were computed with
+            pair = [_rows(batch)[i] for i in (1, 0)]
+            alone = distillation_terms(student, TargetCollate(prompt)(pair), METHODS[method], teacher, 0.3, 1.7)
+            kept_pair = TargetCollate(prompt)([{**row, **kept[i]} for row, i in zip(pair, (1, 0))])
+            for key, value in distillation_terms(student, kept_pair, METHODS[method], teacher, 0.3, 1.7).items():
+                torch.testing.assert_close(value, alone[key], rtol=0, atol=1e-6)
             if "cka" in plain:
                 doubled = {**again, "teacher_norm": 2 * again["teacher_norm"]}
                 cka = distillation_terms(student, doubled, METHODS[method], teacher, 1.0, 1.0)["cka"]
+                torch.testing.assert_close(cka, plain["cka"] / 2, rtol=0, atol=1e-6)
+                # the kept teacher side is read, not recomputed from the encoder output
+                noise = {**again, "cka_y": torch.randn_like(again["cka_y"])}
+                assert abs(distillation_terms(student, noise, METHODS[method], teacher, 1.0, 1.0)["cka"]
+                           - plain["cka"]) > 1e-3
+                # beyond distill.teacher_memory_mb only the normaliser is kept: it is still the one used
+                norm_only = {**batch, "teacher_norm": 2 * teacher.norms(METHODS[method], batch)}
+                cka = distillation_terms(student, norm_only, METHODS[method], teacher, 1.0, 1.0)["cka"]
                 torch.testing.assert_close(cka, plain["cka"] / 2, rtol=0, atol=1e-6)
             if "kl" in plain:
                 empty = {**again, **{f"kl_{f}": torch.zeros_like(again[f"kl_{f}"])
