@@ -70,17 +70,18 @@ def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, 
                       vocab: int, memory_mb: int) -> None:
     """Compute what the teacher contributes that is a constant of the clip (AW-CKA's teacher side, the KL's
     buckets) once, before training, and keep it with the rows, so a training step computes only the
-    student's side. Beyond memory_mb only the CKA normalisers (one number per clip) are kept."""
+    student's side. Past memory_mb only the CKA normalisers (one number per clip) are kept."""
     rows: list[dict[str, torch.Tensor]] = [{} for _ in range(len(targets))]
-    size = 0
+    size, everything = 0, True
     for batch in DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt)):
         for i, row in zip(batch["index"].tolist(), teacher.constants(method, batch, vocab)):
-            rows[i] = row
             size += sum(v.numel() * v.element_size() for v in row.values())
-    if size > memory_mb * 2**20:
-        console.print(f"the teacher's constants of {len(rows)} clips need {size / 2**20:,.0f} MB, over "
-                      f"distill.teacher_memory_mb ({memory_mb}): every step recomputes them")
-        rows = [{k: v for k, v in row.items() if k == "teacher_norm"} for row in rows]
+            if everything and size > memory_mb * 2**20:
+                everything = False
+                console.print(f"the teacher's constants of the {len(rows)} clips exceed distill.teacher_memory_mb "
+                              f"({memory_mb}): only its CKA normalisers are kept, every step recomputes the rest")
+                rows = [{k: v for k, v in r.items() if k == "teacher_norm"} for r in rows]
+            rows[i] = row if everything else {k: v for k, v in row.items() if k == "teacher_norm"}
     targets.constants = rows
 
 

@@ -150,11 +150,12 @@ class Teacher:
         if method.projector in ("aw_cka", "cka") and "gram" not in batch:
             side = self.side(method, batch)
             for i, row in enumerate(out):
-                row.update(teacher_norm=side.norm[i], cka_y=side.y[i, : steps[i]], cka_w=side.w[i, : steps[i]])
+                row.update(teacher_norm=side.norm[i].clone(), cka_y=side.y[i, : steps[i]].clone(),
+                           cka_w=side.w[i, : steps[i]].clone())  # clones: a view would keep the padded batch
         if method.kl:
             for name, value in self.kl(batch, vocab)._asdict().items():
                 for i, row in enumerate(out):
-                    row[f"kl_{name}"] = value[i, : positions[i]]
+                    row[f"kl_{name}"] = value[i, : positions[i]].clone()
         return out
 
 

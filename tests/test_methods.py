@@ -194,6 +194,32 @@ def test_the_teachers_constants_kept_per_clip_change_nothing_and_are_used(setup,
                 assert distillation_terms(student, empty, METHODS[method], teacher, 1.0, 1.0)["kl"] == 0
 
 
+class _Rows(list):
+    """Cached rows as distill reads them (CachedTargets' interface, without the Parquet files)."""
+
+    constants: list = []
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+
+def test_the_teachers_constants_are_kept_within_the_memory_budget(setup):
+    """distill.teacher_memory_mb: within it every constant is kept (unpadded, not a view of a padded batch);
+    past it only the CKA normalisers, and every step recomputes the rest."""
+    from pldistill_cli.distill import teacher_constants
+
+    student, batch, weight, bias, prompt = setup
+    teacher, vocab = Teacher.of(weight, bias, 2.0), student.config.text_config.vocab_size
+    everything = set(CONSTANTS)
+    for memory_mb, keys in ((1, everything), (0, {"teacher_norm"})):
+        rows = _Rows(_rows(batch))
+        teacher_constants(rows, METHODS["pl-distill"], teacher, prompt, 2, vocab, memory_mb)
+        assert [set(row) for row in rows.constants] == [keys] * len(rows)
+        for row, lengths in zip(rows.constants, batch["lengths"].tolist()):
+            assert row["teacher_norm"].dim() == 0 and ("cka_y" not in row or len(row["cka_y"]) == lengths)
+            assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in row.values())
+
+
 @pytest.mark.parametrize("estimator", ["biased", "debiased"])
 def test_a_gram_cache_gives_the_same_terms(setup, estimator):
     """A cache holding each clip's raw teacher Gram K = Z Z^T (Z = X W^T + b on its real steps) instead of
