@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import re
 import warnings
@@ -22,7 +21,6 @@ from sklearn.metrics import recall_score
 from test_losses import ref_debiased_cka, ref_weighted_cka
 
 from pldistill_cli.errors import PldistillError
-from pldistill_cli.labels import label_set
 from pldistill_cli.layout import Layout
 from pldistill_cli.losses import (_safe_cka, aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl,
                                   teacher_factor, topk_logprobs)
