@@ -73,6 +73,10 @@ def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, 
     student's side. Past memory_mb only the CKA normalisers (one number per clip) are kept."""
     rows: list[dict[str, torch.Tensor]] = [{} for _ in range(len(targets))]
     size, everything = 0, True
+
+    def kept(row: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return row if everything else {k: v for k, v in row.items() if k == "teacher_norm"}
+
     for batch in DataLoader(targets, batch_sampler=targets.batches(batch_size), collate_fn=TargetCollate(prompt)):
         for i, row in zip(batch["index"].tolist(), teacher.constants(method, batch, vocab)):
             size += sum(v.numel() * v.element_size() for v in row.values())
@@ -80,8 +84,8 @@ def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, 
                 everything = False
                 console.print(f"the teacher's constants of the {len(rows)} clips exceed distill.teacher_memory_mb "
                               f"({memory_mb}): only its CKA normalisers are kept, every step recomputes the rest")
-                rows = [{k: v for k, v in r.items() if k == "teacher_norm"} for r in rows]
-            rows[i] = row if everything else {k: v for k, v in row.items() if k == "teacher_norm"}
+                rows = [kept(r) for r in rows]
+            rows[i] = kept(row)
     targets.constants = rows
 
 

@@ -386,9 +386,7 @@ def aw_cka_teacher(student: Tensor, teacher: TeacherSide, eps: float = 1e-8) -> 
             cross, self_s = _hsic(ks, y @ y.mT, w, estimator, True), _hsic(ks, ks, w, estimator, True)
         else:
             cross, self_s = _hsic(zs, y, w, estimator, False), _self_term(zs, w, estimator)
-        ok = ~degenerate & (self_s > 0) & (teacher.norm > 0)  # else 0, with zero (finite) gradients
-        den = torch.where(ok, self_s, 1.0).sqrt() * torch.where(ok, teacher.norm, 1.0)
-        return torch.where(ok, cross / den, 0.0)
+        return _safe_cka(cross, self_s, teacher.norm.square(), degenerate)  # sqrt(norm^2) == norm exactly
 
 
 def aw_cka_encoded(

@@ -131,10 +131,6 @@ class Teacher:
         return teacher_side(batch["encoded"], self.factor, self.cka_weights(method, batch, mask), mask,
                             estimator=self.estimator, norm=batch.get("teacher_norm"))
 
-    def norms(self, method: Method, batch: dict) -> torch.Tensor:
-        """The teacher's CKA normaliser of each clip of the batch, computed from its cached rows."""
-        return self.side(method, {k: v for k, v in batch.items() if k not in CONSTANTS}).norm
-
     def kl(self, batch: dict, vocab: int) -> KLTargets:
         """The KL's buckets over the student's `vocab` at every position: as kept, or computed now."""
         if "kl_p" in batch:

@@ -185,7 +185,7 @@ def test_the_teachers_constants_kept_per_clip_change_nothing_and_are_used(setup,
                 assert abs(distillation_terms(student, noise, METHODS[method], teacher, 1.0, 1.0)["cka"]
                            - plain["cka"]) > 1e-3
                 # beyond distill.teacher_memory_mb only the normaliser is kept: it is still the one used
-                norm_only = {**batch, "teacher_norm": 2 * teacher.norms(METHODS[method], batch)}
+                norm_only = {**batch, "teacher_norm": 2 * teacher.side(METHODS[method], batch).norm}
                 cka = distillation_terms(student, norm_only, METHODS[method], teacher, 1.0, 1.0)["cka"]
                 torch.testing.assert_close(cka, plain["cka"] / 2, rtol=0, atol=1e-6)
             if "kl" in plain:
@@ -250,8 +250,8 @@ def test_a_clip_without_attention_weighs_its_own_steps_alike(setup, estimator):
     alone = {k: v[1:2] for k, v in batch.items() if isinstance(v, torch.Tensor)}
     alone.update(encoded=alone["encoded"][:, :t], attention=torch.ones(1, t), lengths=alone["lengths"])
     with torch.no_grad():
-        norms = teacher.norms(METHODS["pl-distill"], zeroed)
-        torch.testing.assert_close(norms[1:2], teacher.norms(METHODS["pl-distill"], alone), rtol=1e-5, atol=1e-6)
+        norms = teacher.side(METHODS["pl-distill"], zeroed).norm
+        torch.testing.assert_close(norms[1:2], teacher.side(METHODS["pl-distill"], alone).norm, rtol=1e-5, atol=1e-6)
         _, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
                                                batch["attention_mask"])
         mask = step_mask(batch["lengths"], projected.shape[1])
