@@ -136,6 +136,19 @@ def preprocess(
                   highlight=False)
 
 
+@app.command("pretrain-encoder")
+def pretrain_encoder(params: Path = PARAMS, device: Device = DEVICE) -> None:
+    """Pretrain the preset's audio encoder to hear prosody in emotion-free synthetic speech (hub: record the checkpoint's)."""
+
+    def call(settings: Params):
+        from .pretrain_encoder import pretrain_encoder as run
+
+        return run(settings, Layout())
+
+    _run("pretrain-encoder", {}, params, call, device, "pretrain_encoder",
+         resumes=str(Layout().work(None, None, "pretrain-encoder")))
+
+
 @app.command("train-teacher")
 def train_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAMS, device: Device = DEVICE) -> None:
     """Train the teacher on the fold's training split; keep the best on validation."""

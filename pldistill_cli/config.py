@@ -96,10 +96,24 @@ class SpecAugmentParams:
 
 
 @settings
+class PretrainEncoderParams:
+    """pretrain-encoder (presets built from configs): the audio encoder trained to hear prosody in
+    emotion-free synthetic speech before any teacher sees the corpus (clips 0 = keep it random)."""
+
+    clips: NonNegativeInt = 2000  # utterances; a tenth of them is held out to score the encoder
+    epochs: Count = 16
+    batch_size: Count = 32
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.01
+    device: Device = "auto"
+
+
+@settings
 class TrainTeacherParams:
     # full: every weight from the preset's random init (tiny, small); lora: peft LoRA on the LLM of a
     # real checkpoint (encoder and projector frozen); zero-shot: the checkpoint as is
     mode: Literal["full", "lora", "zero-shot"] = "full"
+    encoder: Literal["frozen", "trained"] = "frozen"  # full mode: whether the pretrained encoder trains too
     epochs: Count = 40
     patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
     refit: bool = False  # then retrain on train + validation for the best epoch count (no validation left)
@@ -192,6 +206,7 @@ class Params:
         dataclasses.field(default_factory=_default_corpora)
     preprocess: PreprocessParams = dataclasses.field(default_factory=PreprocessParams)
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
+    pretrain_encoder: PretrainEncoderParams = dataclasses.field(default_factory=PretrainEncoderParams)
     train_teacher: TrainTeacherParams = dataclasses.field(default_factory=TrainTeacherParams)
     cache: CacheParams = dataclasses.field(default_factory=CacheParams)
     distill: DistillParams = dataclasses.field(default_factory=DistillParams)

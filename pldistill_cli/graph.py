@@ -31,6 +31,7 @@ ROOT = PACKAGE.parent
 AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "seeds"}  # axis -> params.yaml list
 _L = Layout()
 _RUN = "student-{method}-s{seed}"
+ENCODER = str(_L.encoder())
 PREPARED = str(_L.prepared("{dataset}"))
 TEACHER = str(_L.teacher("{dataset}", "{fold}"))
 CACHE = str(_L.cache("{dataset}", "{fold}"))
@@ -64,11 +65,13 @@ class Stage:
 _PRE = tuple(f"preprocess.{k}" for k in PREPROCESS_KEYS)
 _CACHE = tuple(f"cache.{k}" for k in CACHE_KEYS)
 STAGES: dict[str, Stage] = {
+    "pretrain-encoder": Stage("pretrain-encoder", "pretrain_encoder", (),
+                              ("seed", "cpu_threads", "model.preset", "pretrain_encoder"), outs=(ENCODER,)),
     "preprocess": Stage("preprocess", "preprocess", ("dataset",), ("seed", "corpora.{dataset}", "preprocess"),
                         outs=(PREPARED,)),
     "train-teacher": Stage("train-teacher", "train_teacher", ("dataset", "fold"),
                            ("seed", "cpu_threads", "world_size", "model", "train_teacher", *_PRE),
-                           deps=(PREPARED,), outs=(TEACHER,), launcher=True),
+                           deps=(PREPARED, ENCODER), outs=(TEACHER,), launcher=True),
     "cache-teacher": Stage("cache-teacher", "cache_teacher", ("dataset", "fold"),
                            ("cpu_threads", "world_size", "model.dtype", "cache", *_PRE),
                            deps=(PREPARED, TEACHER), outs=(CACHE,), launcher=True),
@@ -202,7 +205,7 @@ def dvc_stage(stage: Stage) -> dict:
 
 HEADER = """\
 # Generated from pldistill_cli/graph.py by `python -m pldistill_cli.graph`: do not edit by hand (a test
-# checks it is current). The pipeline preprocess -> train-teacher -> cache-teacher -> distill ->
+# checks it is current). The pipeline pretrain-encoder, preprocess -> train-teacher -> cache-teacher -> distill ->
 # evaluate -> report, over every dataset x fold (x method x seed) listed in params.yaml. Code
 # dependencies are each stage's import closure; params are exactly the keys each stage reads.
 # Outputs stay out of DVC's cache (cache: false) and are replaced atomically by their stage

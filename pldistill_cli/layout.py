@@ -24,6 +24,10 @@ class Layout:
         """Sources that the pipeline makes itself (the synthetic corpus)."""
         return self.data / "raw" / dataset
 
+    def encoder(self) -> Path:
+        """The pretrained audio encoder that every teacher of a preset built from configs starts from."""
+        return self.data / "encoder"
+
     def prepared(self, dataset: str) -> Path:
         return self.data / "prepared" / dataset
 
@@ -46,10 +50,10 @@ class Layout:
         """The corpus's encoder outputs under one encoder and preprocessing (`key`): shared by its folds."""
         return self.data / "encoded" / dataset / key
 
-    def work(self, dataset: str, fold: int | None, stage: str) -> Path:
-        """Resumable state of a stage (of a dataset, or of one of its folds); no stage declares it, so
-        DVC never deletes it."""
-        return self.data / "work" / dataset / (f"fold{fold}" if fold is not None else "") / stage
+    def work(self, dataset: str | None, fold: int | None, stage: str) -> Path:
+        """Resumable state of a stage (of the pipeline, a dataset, or one of its folds); no stage declares
+        it, so DVC never deletes it."""
+        return self.data / "work" / (dataset or "") / (f"fold{fold}" if fold is not None else "") / stage
 
     def metrics(self, dataset: str, fold: int, model: str) -> Path:
         return self.metrics_root / dataset / f"fold{fold}" / f"{model}.json"

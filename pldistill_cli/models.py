@@ -279,14 +279,67 @@ class ModelMeta:
 
     @classmethod
     def read(cls, folder: Path) -> "ModelMeta":
-        path = folder / METADATA_FILE
-        if not path.exists():
-            raise PldistillError(f"{folder}: no {METADATA_FILE}; not a pldistill model folder (run the stage that "
-                                 "makes it, or pass a folder made by pldistill)")
-        try:
-            return TypeAdapter(cls).validate_python(json.loads(path.read_text()))
-        except (json.JSONDecodeError, ValidationError, UnicodeDecodeError):
-            raise PldistillError(f"{path}: not a valid model description; re-run the stage that made it") from None
+        return _read_meta(cls, folder, "model")
+
+
+def _read_meta(cls, folder: Path, what: str, maker: str = "the stage that made it"):
+    """A folder's pldistill.json, validated as `cls`."""
+    path = folder / METADATA_FILE
+    if not path.exists():
+        raise PldistillError(f"{folder}: no {METADATA_FILE}; not a pldistill {what} folder (run {maker}, or pass a "
+                             "folder made by pldistill)")
+    try:
+        return TypeAdapter(cls).validate_python(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError):
+        raise PldistillError(f"{path}: not a valid {what} description; re-run {maker}") from None
+
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+@validated(frozen=True)
+class EncoderMeta:
+    """pldistill.json of the pretrained encoder's folder (Layout.encoder): written by pretrain-encoder,
+    read by train-teacher through pretrained_encoder."""
+
+    source: Literal["pretrained", "random", "checkpoint"]  # random: clips 0; checkpoint: model.preset hub
+    preset: str
+    seed: int
+    params: dict[str, Any]  # the pretrain_encoder settings
+    versions: dict[str, str]
+    clips: int = 0  # pretraining utterances, held-out ones included
+    held_out: dict[str, float] = dataclasses.field(default_factory=dict)  # R^2 per prosody target, tune accuracy
+    best_epoch: Optional[int] = None
+    history: tuple[dict[str, float], ...] = ()
+    weights: Optional[str] = None  # hash of the weights, set when saved
+
+    def write(self, folder: Path) -> None:
+        write_json(folder / METADATA_FILE, dataclasses.asdict(self))
+
+
+def save_encoder(folder: Path, weights: Optional[dict[str, torch.Tensor]], meta: EncoderMeta) -> None:
+    """The encoder's weights (if any) and metadata, swapped in whole."""
+    from safetensors.torch import save_file
+
+    tmp = fresh_folder(folder)
+    if weights is not None:
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / ENCODER_FILE))
+    dataclasses.replace(meta, weights=weights_fingerprint(tmp)).write(tmp)
+    replace_folder(tmp, folder)
+
+
+def pretrained_encoder(folder: Path, preset: str) -> tuple[EncoderMeta, Optional[dict[str, torch.Tensor]]]:
+    """What pretrain-encoder made for `preset`: its metadata and, if it pretrained one, the weights."""
+    from safetensors.torch import load_file
+
+    redo = "`pldistill pretrain-encoder`"
+    meta = _read_meta(EncoderMeta, folder, "encoder", redo)
+    if meta.preset != preset:
+        raise PldistillError(f"{folder}: pretrained for model.preset {meta.preset}, not {preset}; run {redo}")
+    if meta.source != "pretrained":
+        return meta, None
+    with unreadable(folder):
+        return meta, load_file(str(folder / ENCODER_FILE))
 
 
 def environment(device: torch.device | str) -> dict[str, str]:

@@ -62,6 +62,11 @@ __all__ = [
     "SyntheticSettings",
     "SyntheticUtterance",
     "plan_corpus",
+    "plan_pretraining",
+    "prosody_targets",
+    "PRETRAIN_VOICES",
+    "PRETRAIN_SENTENCES",
+    "PROSODY_TARGETS",
     "synthesize",
     "generate_corpus",
     "utterance_fingerprint",
@@ -152,7 +157,7 @@ class SyntheticSettings:
 class SyntheticUtterance:
     utt_id: str
     speaker: str
-    label: str          # one of EMOTIONS
+    label: str          # one of EMOTIONS ('' for pretraining speech: plan_pretraining)
     sentence: str
     voice: str          # espeak voice/variant name used
     rate: int           # wpm
@@ -268,6 +273,53 @@ def plan_corpus(settings: SyntheticSettings) -> list[SyntheticUtterance]:
                 plan.append(_plan_one(settings, spk_index, label, sent_index, base))
     return plan
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Emotion-free speech for pretraining a preset's audio encoder (pretrain-encoder)
+
+# Voices and sentences the corpus never uses (other English accents x other espeak variants), so a
+# pretrained encoder has heard no speaker and no sentence of any fold.
+PRETRAIN_VOICES: tuple[str, ...] = tuple(
+    f"{accent}+{variant}"
+    for accent in ("en-gb-scotland", "en-029", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd")
+    for variant in ("adam", "linda", "m8", "klatt", "klatt2", "quincy", "steph", "robert", "anika", "ed", "john",
+                    "belinda", "max", "aunty"))
+PRETRAIN_SENTENCES: tuple[str, ...] = (
+    "The garden needs more water.", "He parked the car outside.", "The book is on the shelf.",
+    "We ordered soup and bread.", "The bus was late again.", "Her phone rang twice today.",
+    "The river runs past the mill.", "Close the door behind you.", "The shop opens at nine.",
+    "They painted the kitchen blue.", "A dog slept under the bench.", "The clock stopped at noon.",
+)
+# What the encoder learns to hear: each utterance's prosody settings, drawn uniformly over the range the
+# corpus spans, with no emotion behind them. Loudness is espeak's amplitude and the output gain in dB.
+PROSODY_TARGETS: tuple[str, ...] = ("rate", "pitch", "range", "loudness", "gap", "tremolo", "tilt")
+
+
+def plan_pretraining(seed: int, n_clips: int) -> list[SyntheticUtterance]:
+    """`n_clips` utterances with independent uniform prosody, in PRETRAIN_VOICES and PRETRAIN_SENTENCES.
+    Their label is empty: `prosody_targets` is what they teach."""
+    plan = []
+    for i in range(n_clips):
+        utt_id = f"pretrain-{i + 1:05d}"
+        rng = _rng(seed, "pretrain", utt_id)
+        plan.append(SyntheticUtterance(
+            utt_id=utt_id, speaker="", label="", voice=PRETRAIN_VOICES[int(rng.integers(len(PRETRAIN_VOICES)))],
+            sentence=PRETRAIN_SENTENCES[int(rng.integers(len(PRETRAIN_SENTENCES)))],
+            rate=int(rng.integers(110, 251)), pitch=int(rng.integers(20, 86)), pitch_range=int(rng.integers(15, 91)),
+            volume=int(rng.integers(50, 171)), word_gap=int(rng.integers(0, 5)), ending=_ENDINGS[int(rng.integers(3))],
+            gain_db=float(rng.uniform(-10.0, 3.0)), tremolo_depth=float(rng.uniform(0.0, 0.2)) * (rng.random() < 0.5),
+            tremolo_hz=float(rng.uniform(4.0, 8.0)), tilt=float(rng.uniform(-0.45, 0.45)),
+            lead_silence=float(rng.uniform(0.05, 0.25)), tail_silence=float(rng.uniform(0.10, 0.30)),
+            synth_seed=int(rng.integers(1, 2**31 - 1))))
+    return plan
+
+
+def prosody_targets(utt: SyntheticUtterance) -> tuple[list[float], int]:
+    """The PROSODY_TARGETS values of an utterance, and the index of its final punctuation (its tune)."""
+    loudness = 20.0 * np.log10(utt.volume) + utt.gain_db
+    values = [utt.rate, utt.pitch, utt.pitch_range, loudness, utt.word_gap, utt.tremolo_depth, utt.tilt]
+    return [float(v) for v in values], _ENDINGS.index(utt.ending)
 
 # --------------------------------------------------------------------------------------------------
 # espeak-ng through ctypes
