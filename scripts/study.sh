@@ -9,7 +9,12 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 scratch=${1:-$repo/../pldistill-study}
 [ -d "$scratch/.git" ] || git clone -q "$repo" "$scratch"
 cd "$scratch"
+ran=$(mktemp) && cp dvc.lock "$ran" 2>/dev/null || true
 git fetch -q "$repo" HEAD && git checkout -q --force FETCH_HEAD
+# the checkout puts back the committed dvc.lock; restore this clone's record of the stages it has run, or a
+# re-run would start over (DVC still re-runs whatever the new commit or settings change)
+if [ -s "$ran" ]; then cp "$ran" dvc.lock; fi
+rm -f "$ran"
 python - "$repo/params-study.yaml" <<'PY'
 import sys
 import yaml

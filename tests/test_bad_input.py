@@ -26,6 +26,7 @@ SMALL = {
     "seeds": [7],
     "methods": ["ce"],
     "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
+    "pretrain_encoder": {"clips": 0},
     "train_teacher": {"epochs": 1, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
     "distill": {"epochs": 1, "batch_size": 8},
@@ -41,7 +42,7 @@ def run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        for stage in (["preprocess"], ["train-teacher"], ["cache-teacher"], ["distill", "--method", "ce"],
+        for stage in (["pretrain-encoder"], ["preprocess"], ["train-teacher"], ["cache-teacher"], ["distill", "--method", "ce"],
                       ["evaluate", "--model", "student", "--method", "ce"], ["export", "--out", "export/ce", "--method", "ce"]):
             result = CliRunner().invoke(app, stage, catch_exceptions=False)
             assert result.exit_code == 0, result.output

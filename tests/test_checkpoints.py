@@ -20,6 +20,7 @@ from pldistill_cli.evaluate import evaluate_model
 from pldistill_cli.models import (AUDIO_TOKEN, add_lora, build_teacher, build_tokenizer,
                                   count_parameters, get_preset, load_model)
 from pldistill_cli.checkpoints import weights_fingerprint
+from pldistill_cli.pretrain_encoder import pretrain_encoder
 from pldistill_cli.train_teacher import train_teacher
 from pldistill_cli.cache import TeacherCache
 from pldistill_cli.cache_teacher import build_cache
@@ -59,6 +60,7 @@ def hub_run(prepared, checkpoints):
     layout.data.mkdir()
     (layout.data / "prepared").symlink_to(prepared[1].data / "prepared")
     params = hub_params(params, checkpoints)
+    pretrain_encoder(params, layout)  # with a real checkpoint: only the record that its encoder is used
     train_teacher("synthetic", 1, params, layout)
     build_cache("synthetic", 1, params, layout)
     distill("synthetic", 1, params, layout, "pl-distill")
@@ -178,6 +180,7 @@ def test_a_zero_shot_teacher_is_the_checkpoint_as_is(prepared, checkpoints, tmp_
     layout = dataclasses.replace(layout, data=tmp_path / "data")
     layout.data.mkdir()
     (layout.data / "prepared").symlink_to(prepared[1].data / "prepared")
+    pretrain_encoder(hub_params(params, checkpoints, "zero-shot"), layout)
     train_teacher("synthetic", 1, hub_params(params, checkpoints, "zero-shot"), layout)
     teacher, _ = load_model(layout.teacher("synthetic", 1))
     original = Qwen2AudioForConditionalGeneration.from_pretrained(checkpoints / "teacher")
@@ -219,7 +222,8 @@ def test_a_checkpoint_of_another_architecture_fails_the_cli_with_one_line(prepar
     settings = {"corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
                 "model": {"preset": "hub", "teacher": str(checkpoints / "llm")}, "train_teacher": {"mode": "zero-shot"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
-    result = subprocess.run([sys.executable, "-m", "pldistill_cli", "train-teacher"], cwd=tmp_path, text=True,
-                            capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    for stage in ("pretrain-encoder", "train-teacher"):
+        result = subprocess.run([sys.executable, "-m", "pldistill_cli", stage], cwd=tmp_path, text=True,
+                                capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and "a `qwen2` checkpoint, expected qwen2_audio" in result.stderr

@@ -122,7 +122,8 @@ def repo(tmp_path_factory):
     for section, values in {
         "": {"seed": 7, "cpu_threads": 1, "datasets": ["ravdess"], "folds": [1], "methods": ["pl-distill"],
              "seeds": [7], "corpora": {"ravdess": {"adapter": "ravdess", "root": str(repo.parent / "RAVDESS")}}},
-        "preprocess": {"workers": 1}, "train_teacher": {"epochs": 1, "batch_size": 8},
+        "preprocess": {"workers": 1}, "pretrain_encoder": {"clips": 24, "epochs": 1, "batch_size": 8},
+        "train_teacher": {"epochs": 1, "batch_size": 8},
         "cache": {"top_k": 4, "batch_size": 8}, "distill": {"epochs": 1, "batch_size": 8},
         "evaluate": {"attention_examples": 2},
     }.items():
@@ -168,7 +169,9 @@ def test_changing_a_setting_reruns_exactly_the_stages_that_read_it(repo):
     original = params_file.read_text()
     for key, value, expected in (("distill", {"lambda_p": 0.5}, {"distill", "report"}),
                                  ("cache", {"top_k": 3}, {"cache-teacher", "distill", "report"}),
-                                 ("corpora", {"ravdess": {"adapter": "ravdess", "root": "/elsewhere"}}, {"preprocess"})):
+                                 ("corpora", {"ravdess": {"adapter": "ravdess", "root": "/elsewhere"}}, {"preprocess"}),
+                                 ("pretrain_encoder", {"epochs": 2}, {"pretrain-encoder"}),
+                                 ("train_teacher", {"encoder": "trained"}, {"train-teacher"})):
         params = yaml.safe_load(original)
         params[key] = {**params.get(key, {}), **value}
         params_file.write_text(yaml.safe_dump(params))
@@ -181,4 +184,4 @@ def test_changing_a_setting_reruns_exactly_the_stages_that_read_it(repo):
 def test_dvc_repro_force_reproduces_every_data_output_byte_for_byte(repo):
     before = lock_hashes(repo)
     dvc(repo, "repro", "-f")
-    assert lock_hashes(repo) == before and len(before) == 4  # prepared, teacher, cache, student
+    assert lock_hashes(repo) == before and len(before) == 5  # encoder, prepared, teacher, cache, student

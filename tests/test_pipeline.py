@@ -22,11 +22,13 @@ SMALL = {
     "seeds": [7],
     "methods": ["ce", "pl-distill"],
     "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
+    "pretrain_encoder": {"clips": 24, "epochs": 1, "batch_size": 8},  # the real path, briefly
     "train_teacher": {"epochs": 2, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
     "distill": {"epochs": 2, "batch_size": 8},
 }
 STAGES = [
+    ["pretrain-encoder"],
     ["preprocess"],
     ["train-teacher"],
     ["cache-teacher"],
@@ -440,7 +442,8 @@ def test_a_refit_teacher_retrains_on_train_and_validation(run_dir, monkeypatch, 
     monkeypatch.chdir(run_dir)
     params = load_params(Path("params.yaml"))
     layout = Layout(data=tmp_path / "data")
-    shutil.copytree(run_dir / "data/prepared", layout.data / "prepared")
+    for made_before in ("prepared", "encoder"):
+        shutil.copytree(run_dir / "data" / made_before, layout.data / made_before)
     params = dataclasses.replace(params, train_teacher=dataclasses.replace(params.train_teacher, refit=True))
     made = train_teacher("synthetic", 1, params, layout)
     assert made.refit == {"epochs": made.best_epoch, "clips": 32}  # 16 train + 16 validation clips
