@@ -222,7 +222,10 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(run):
     while not state.exists() and time.time() < deadline:  # an epoch done: there is progress to keep
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()  # never left training 100,000 epochs in the background (a no-op once it has exited)
     lines = [l for l in stderr.splitlines() if l.strip().startswith("interrupted")]
     assert process.returncode == 130 and "Traceback" not in stderr
     assert lines == ["interrupted: progress kept in data/work/synthetic/fold1/student-ce-s12; re-run the same "
