@@ -214,8 +214,8 @@ def test_a_second_run_of_a_stage_stops_instead_of_racing(run):
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(run):
     params = with_setting("distill.epochs", 100_000)  # runs until interrupted
     (run / "long.yaml").write_text(yaml.safe_dump(params))
-    process = subprocess.Popen([sys.executable, "-m", "pldistill_cli", "distill", "--method", "ce", "--seed", "12",
-                                "--params", "long.yaml"], cwd=run, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "pldistill_cli", "distill", "--method", "ce",
+                                "--seed", "12", "--params", "long.yaml"], cwd=run, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     state = run / "data/work/synthetic/fold1/student-ce-s12/state.json"
     deadline = time.time() + 120
@@ -224,6 +224,9 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(run):
     process.send_signal(signal.SIGINT)
     try:
         _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # say where it hangs: on SIGABRT faulthandler prints every thread's stack
+        process.send_signal(signal.SIGABRT)
+        pytest.fail(f"Ctrl-C did not stop distill within 60 s; its threads:\n{process.communicate(timeout=30)[1][-6000:]}")
     finally:
         process.kill()  # never left training 100,000 epochs in the background (a no-op once it has exited)
     lines = [l for l in stderr.splitlines() if l.strip().startswith("interrupted")]
