@@ -317,15 +317,17 @@ class EncoderMeta:
         write_json(folder / METADATA_FILE, dataclasses.asdict(self))
 
 
-def save_encoder(folder: Path, weights: Optional[dict[str, torch.Tensor]], meta: EncoderMeta) -> None:
-    """The encoder's weights (if any) and metadata, swapped in whole."""
+def save_encoder(folder: Path, weights: Optional[dict[str, torch.Tensor]], meta: EncoderMeta) -> EncoderMeta:
+    """The encoder's weights (if any) and metadata, swapped in whole; returns the metadata as saved."""
     from safetensors.torch import save_file
 
     tmp = fresh_folder(folder)
     if weights is not None:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / ENCODER_FILE))
-    dataclasses.replace(meta, weights=weights_fingerprint(tmp)).write(tmp)
+    meta = dataclasses.replace(meta, weights=weights_fingerprint(tmp))
+    meta.write(tmp)
     replace_folder(tmp, folder)
+    return meta
 
 
 def pretrained_encoder(folder: Path, preset: str) -> tuple[EncoderMeta, Optional[dict[str, torch.Tensor]]]:
@@ -369,8 +371,10 @@ def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: P
         if tied:
             head.weight = embed.weight
     processor.save_pretrained(tmp)
-    dataclasses.replace(meta, weights=weights_fingerprint(tmp)).write(tmp)
+    meta = dataclasses.replace(meta, weights=weights_fingerprint(tmp))
+    meta.write(tmp)
     replace_folder(tmp, folder)
+    return meta
 
 
 def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoint, meta: ModelMeta,

@@ -46,10 +46,8 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
     device = resolve_device(p.device)
     if preset == "hub" or p.clips == 0:
         source = "checkpoint" if preset == "hub" else "random"
-        meta = EncoderMeta(source=source, versions=environment(device), **made_by)
-        save_encoder(layout.encoder(), None, meta)
         console.print("encoder: the checkpoint's (pretrained)" if preset == "hub" else "encoder: random (clips 0)")
-        return meta
+        return save_encoder(layout.encoder(), None, EncoderMeta(source=source, versions=environment(device), **made_by))
 
     plan = plan_pretraining(params.seed, p.clips)
     model, processor = build_teacher(get_preset(preset), params.seed)
@@ -99,13 +97,11 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
     mean_r2 = lambda: float(np.mean([v for k, v in held_out().items() if k != "tune"]))
     result = train_with_validation(TrainingStep({"encoder": encoder, "head": head}, terms), batches, mean_r2,
                                    settings, -(-len(train_rows) // p.batch_size), work, fingerprint(made_by),
-                                   "pretrain encoder")
+                                   "pretrain encoder", score_name="held_out_r2")
     scores = {k: round(v, 4) for k, v in held_out().items()}  # of the kept (best) epoch
     meta = EncoderMeta(source="pretrained", versions=environment(device), clips=len(plan), held_out=scores,
-                       best_epoch=result.best_epoch, **made_by,
-                       history=tuple({("held_out_r2" if k == "validation_ua" else k): v for k, v in h.items()}
-                                     for h in result.history))
-    save_encoder(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
+                       best_epoch=result.best_epoch, history=tuple(result.history), **made_by)
+    meta = save_encoder(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
     finish_work(work)
     console.print(f"encoder: pretrained on {len(plan) - held} clips; held-out R^2 "
                   + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "tune")

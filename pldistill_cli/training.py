@@ -139,12 +139,14 @@ def train_with_validation(
     fingerprint: str,
     description: str,
     diagnose: Callable[[], dict] | None = None,
+    score_name: str = "validation_ua",
 ) -> LoopResult:
     """Train the model's trainable parameters; keep the weights that score best on validation.
 
     `batches(epoch)` yields this process's batches of the epoch (whole accumulation groups: see
     shard), `model(batch)` returns the loss terms with the total under "loss", `validate()` scores
-    the model (higher is better; every process gets the same score; None: keep the last epoch). `diagnose()`, if given, adds
+    the model (higher is better; every process gets the same score; None: keep the last epoch), recorded
+    in the history as `score_name`. `diagnose()`, if given, adds
     its numbers to the history before training (epoch 0) and after every epoch. Training stops early
     after `patience` epochs without improvement. With several processes the model trains data-
     parallel (accelerate's DDP; the main process writes the state). State is saved after every epoch
@@ -203,12 +205,12 @@ def train_with_validation(
                 bar.advance(1, info=f"epoch {epoch + 1} {info}")
             model.eval()
             score = validate() if validate is not None else float(epoch)  # no validation: keep the last
-            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in totals.items()}, "validation_ua": score,
+            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in totals.items()}, score_name: score,
                       "updates": steps, **(diagnose() if diagnose is not None else {})}
             result.history.append(record)
             if score > result.best_score:
                 result.best_score, result.best_epoch, best_state = score, epoch + 1, _trainable_state(model)
-            bar.update(info=f"epoch {epoch + 1} val UA {score:.3f} (best {result.best_score:.3f})")
+            bar.update(info=f"epoch {epoch + 1} {score_name.replace('_', ' ')} {score:.3f} (best {result.best_score:.3f})")
             if not accelerator.is_main_process:
                 continue
             # tensors in state.pt (loaded with weights_only=True: a planted file cannot run code), the

@@ -34,7 +34,7 @@ def test_prosody_targets_are_the_drawn_settings():
     values, tune = S.prosody_targets(utt)
     assert dict(zip(S.PROSODY_TARGETS, values)) == pytest.approx(dict(
         rate=utt.rate, pitch=utt.pitch, range=utt.pitch_range, loudness=40.0 - 6.0, gap=utt.word_gap,
-        tremolo=utt.tremolo_depth, tilt=utt.tilt))
+        breathiness=utt.breathiness, tilt=utt.tilt))
     assert tune == 2
 
 
@@ -70,7 +70,7 @@ def test_the_encoder_learns_to_hear_loudness(pretrained):
     scores = [h["held_out_r2"] for h in meta.history]
     assert len(scores) == 6 and scores[meta.best_epoch - 1] == max(scores) > scores[0]
     again, weights = pretrained_encoder(layout.encoder(), "tiny")
-    assert dataclasses.replace(again, weights=None) == meta and again.weights and weights is not None
+    assert again == meta and meta.weights and weights is not None  # what it returned is what it saved
 
 
 def test_a_teacher_starts_from_the_pretrained_encoder_and_keeps_it_frozen(pretrained):

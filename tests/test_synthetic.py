@@ -256,10 +256,11 @@ def test_generate_corpus_writes_wavs_and_resumes(tmp_path: Path):
 
 def test_the_planned_prosody_reaches_the_audio(default_plan):
     """Each prosody setting moves what is measured in the rendered audio the way the plan says: pitch the
-    F0, rate the duration, volume the level, pitch range the F0 spread, word gaps the pauses."""
+    F0, rate the duration, volume the level, pitch range the F0 spread, word gaps the pauses, breathiness
+    the brightness and zero crossings (noise) but not the level."""
     from pldistill_cli.references import PROSODY_FEATURES, prosody_features
 
-    base = dataclasses.replace(default_plan[0], tremolo_depth=0.0, tilt=0.0, ending=".", lead_silence=0.1,
+    base = dataclasses.replace(default_plan[0], breathiness=0.0, tilt=0.0, ending=".", lead_silence=0.1,
                                tail_silence=0.1, gain_db=0.0)
 
     def measured(**change):
@@ -276,3 +277,7 @@ def test_the_planned_prosody_reaches_the_audio(default_plan):
     assert lively["f0_range"] > flat["f0_range"]
     tight, gappy = measured(word_gap=0), measured(word_gap=6)
     assert gappy["duration_s"] > tight["duration_s"] + 0.15 and gappy["active_fraction"] < tight["active_fraction"]
+    clear, breathy = measured(), measured(breathiness=0.36)
+    assert breathy["spectral_centroid_mean"] > clear["spectral_centroid_mean"] + 150
+    assert breathy["zcr_mean"] > 1.2 * clear["zcr_mean"]
+    assert breathy["rms_mean_db"] == pytest.approx(clear["rms_mean_db"], abs=0.5)

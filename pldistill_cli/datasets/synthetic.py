@@ -10,7 +10,7 @@ Design
   Every speaker says every sentence once per emotion, so neither the voice nor the sentence carries
   any information about the label.
 * Emotion lives only in the prosody: speaking rate, base pitch, pitch range, loudness, pauses between
-  words, the sentence-final intonation ("." / "!" / "?"), a slight tremolo and a spectral tilt.  Each
+  words, the sentence-final intonation ("." / "!" / "?"), breathiness and a spectral tilt.  Each
   emotion has a mean offset from the speaker's own baseline (:data:`EMOTION_PROSODY`) scaled by a
   per-speaker expressiveness, plus Gaussian spread (:data:`PROSODY_SPREAD`) of roughly the size of the
   gap between neighbouring emotions, so the classes overlap.  Speakers also differ in baseline rate,
@@ -96,26 +96,26 @@ VOICES: tuple[str, ...] = (
 
 SAMPLE_RATE = 22050  # espeak-ng's native output rate
 
-GENERATOR_VERSION = "pldistill-synthetic/1"
+GENERATOR_VERSION = "pldistill-synthetic/2"  # 2: breathiness replaced a tremolo no model could hear
 
 # Per-emotion mean offsets from the speaker's baseline (multiplied by the speaker's expressiveness):
 #   rate  : words per minute        pitch : espeak base pitch (0-100)   range : espeak pitch range (0-100)
 #   volume: espeak amplitude        gap   : extra pause between words, in 10 ms units (absolute mean)
-#   tremolo: amplitude-modulation depth (absolute mean)   tilt: spectral tilt, >0 brighter, <0 darker
+#   breathiness: aspiration noise / speech envelope (absolute mean)   tilt: spectral tilt, >0 brighter, <0 darker
 #   ending: probabilities of the sentence-final punctuation (".", "!", "?"), i.e. the intonation tune
 EMOTION_PROSODY: dict[str, dict[str, object]] = {
-    "Neutral":  dict(rate=0,   pitch=0,   range=0,   volume=0,   gap=0.5, tremolo=0.00, tilt=0.00, ending=(0.90, 0.05, 0.05)),
-    "Calm":     dict(rate=-18, pitch=-4,  range=-12, volume=-12, gap=1.5, tremolo=0.00, tilt=-0.15, ending=(0.94, 0.03, 0.03)),
-    "Happy":    dict(rate=18,  pitch=10,  range=18,  volume=12,  gap=0.5, tremolo=0.02, tilt=0.10, ending=(0.55, 0.40, 0.05)),
-    "Sad":      dict(rate=-32, pitch=-9,  range=-18, volume=-22, gap=3.0, tremolo=0.06, tilt=-0.25, ending=(0.90, 0.02, 0.08)),
-    "Angry":    dict(rate=22,  pitch=4,   range=12,  volume=30,  gap=0.5, tremolo=0.00, tilt=0.30, ending=(0.45, 0.50, 0.05)),
-    "Fear":     dict(rate=28,  pitch=14,  range=-4,  volume=-4,  gap=1.0, tremolo=0.12, tilt=0.05, ending=(0.60, 0.20, 0.20)),
-    "Disgust":  dict(rate=-12, pitch=-7,  range=6,   volume=4,   gap=2.5, tremolo=0.02, tilt=-0.05, ending=(0.75, 0.20, 0.05)),
-    "Surprise": dict(rate=15,  pitch=16,  range=24,  volume=14,  gap=0.5, tremolo=0.03, tilt=0.10, ending=(0.30, 0.30, 0.40)),
+    "Neutral":  dict(rate=0,   pitch=0,   range=0,   volume=0,   gap=0.5, breathiness=0.00, tilt=0.00, ending=(0.90, 0.05, 0.05)),
+    "Calm":     dict(rate=-18, pitch=-4,  range=-12, volume=-12, gap=1.5, breathiness=0.00, tilt=-0.15, ending=(0.94, 0.03, 0.03)),
+    "Happy":    dict(rate=18,  pitch=10,  range=18,  volume=12,  gap=0.5, breathiness=0.06, tilt=0.10, ending=(0.55, 0.40, 0.05)),
+    "Sad":      dict(rate=-32, pitch=-9,  range=-18, volume=-22, gap=3.0, breathiness=0.18, tilt=-0.25, ending=(0.90, 0.02, 0.08)),
+    "Angry":    dict(rate=22,  pitch=4,   range=12,  volume=30,  gap=0.5, breathiness=0.00, tilt=0.30, ending=(0.45, 0.50, 0.05)),
+    "Fear":     dict(rate=28,  pitch=14,  range=-4,  volume=-4,  gap=1.0, breathiness=0.36, tilt=0.05, ending=(0.60, 0.20, 0.20)),
+    "Disgust":  dict(rate=-12, pitch=-7,  range=6,   volume=4,   gap=2.5, breathiness=0.06, tilt=-0.05, ending=(0.75, 0.20, 0.05)),
+    "Surprise": dict(rate=15,  pitch=16,  range=24,  volume=14,  gap=0.5, breathiness=0.09, tilt=0.10, ending=(0.30, 0.30, 0.40)),
 }
 
 # Per-utterance Gaussian spread (standard deviation) around the emotion mean.
-PROSODY_SPREAD: dict[str, float] = dict(rate=14.0, pitch=6.0, range=10.0, volume=12.0, gap=1.0, tremolo=0.02, tilt=0.12)
+PROSODY_SPREAD: dict[str, float] = dict(rate=14.0, pitch=6.0, range=10.0, volume=12.0, gap=1.0, breathiness=0.06, tilt=0.12)
 
 # Per-speaker baselines: (mean, sd) of a Gaussian, or (low, high) of a uniform draw where noted.
 SPEAKER_BASELINE = dict(
@@ -167,8 +167,7 @@ class SyntheticUtterance:
     word_gap: int = 0             # extra pause between words, units of 10 ms
     ending: str = "."             # sentence-final punctuation actually spoken (intonation tune)
     gain_db: float = 0.0          # output gain after synthesis (mostly speaker-level)
-    tremolo_depth: float = 0.0    # amplitude-modulation depth (0 = none)
-    tremolo_hz: float = 5.0
+    breathiness: float = 0.0      # aspiration noise, relative to the speech envelope (0 = none)
     tilt: float = 0.0             # first-order spectral tilt: >0 brighter, <0 darker
     lead_silence: float = 0.1     # seconds of silence before the speech
     tail_silence: float = 0.15    # seconds of silence after the speech
@@ -227,8 +226,7 @@ def _plan_one(settings: SyntheticSettings, spk_index: int, label: str, sent_inde
     prange = base["range"] + x * float(mean["range"]) + rng.normal(0.0, sd["range"])
     volume = base["volume"] + x * float(mean["volume"]) + rng.normal(0.0, sd["volume"])
     gap = x * float(mean["gap"]) + rng.normal(0.0, sd["gap"])
-    tremolo = min(max(x * float(mean["tremolo"]) + rng.normal(0.0, sd["tremolo"]), 0.0), 0.3)
-    tremolo_hz = rng.uniform(4.0, 8.0)
+    breathiness = min(max(x * float(mean["breathiness"]) + rng.normal(0.0, sd["breathiness"]), 0.0), 0.6)
     tilt = min(max(x * float(mean["tilt"]) + rng.normal(0.0, sd["tilt"]), -0.6), 0.6)
     ending = _ENDINGS[int(rng.choice(len(_ENDINGS), p=np.asarray(mean["ending"], dtype=float)))]
     gain_db = base["gain_db"] + rng.normal(0.0, 1.0)
@@ -248,8 +246,7 @@ def _plan_one(settings: SyntheticSettings, spk_index: int, label: str, sent_inde
         word_gap=_clamp_int(gap, "gap"),
         ending=ending,
         gain_db=round(float(gain_db), 3),
-        tremolo_depth=round(float(tremolo), 4),
-        tremolo_hz=round(float(tremolo_hz), 3),
+        breathiness=round(float(breathiness), 4),
         tilt=round(float(tilt), 4),
         lead_silence=round(float(lead), 4),
         tail_silence=round(float(tail), 4),
@@ -293,7 +290,7 @@ PRETRAIN_SENTENCES: tuple[str, ...] = (
 )
 # What the encoder learns to hear: each utterance's prosody settings, drawn uniformly over the range the
 # corpus spans, with no emotion behind them. Loudness is espeak's amplitude and the output gain in dB.
-PROSODY_TARGETS: tuple[str, ...] = ("rate", "pitch", "range", "loudness", "gap", "tremolo", "tilt")
+PROSODY_TARGETS: tuple[str, ...] = ("rate", "pitch", "range", "loudness", "gap", "breathiness", "tilt")
 
 
 def plan_pretraining(seed: int, n_clips: int) -> list[SyntheticUtterance]:
@@ -308,8 +305,8 @@ def plan_pretraining(seed: int, n_clips: int) -> list[SyntheticUtterance]:
             sentence=PRETRAIN_SENTENCES[int(rng.integers(len(PRETRAIN_SENTENCES)))],
             rate=int(rng.integers(110, 251)), pitch=int(rng.integers(20, 86)), pitch_range=int(rng.integers(15, 91)),
             volume=int(rng.integers(50, 171)), word_gap=int(rng.integers(0, 5)), ending=_ENDINGS[int(rng.integers(3))],
-            gain_db=float(rng.uniform(-10.0, 3.0)), tremolo_depth=float(rng.uniform(0.0, 0.2)) * (rng.random() < 0.5),
-            tremolo_hz=float(rng.uniform(4.0, 8.0)), tilt=float(rng.uniform(-0.45, 0.45)),
+            gain_db=float(rng.uniform(-10.0, 3.0)), breathiness=float(rng.uniform(0.0, 0.5)) * (rng.random() < 0.5),
+            tilt=float(rng.uniform(-0.45, 0.45)),
             lead_silence=float(rng.uniform(0.05, 0.25)), tail_silence=float(rng.uniform(0.10, 0.30)),
             synth_seed=int(rng.integers(1, 2**31 - 1))))
     return plan
@@ -318,7 +315,7 @@ def plan_pretraining(seed: int, n_clips: int) -> list[SyntheticUtterance]:
 def prosody_targets(utt: SyntheticUtterance) -> tuple[list[float], int]:
     """The PROSODY_TARGETS values of an utterance, and the index of its final punctuation (its tune)."""
     loudness = 20.0 * np.log10(utt.volume) + utt.gain_db
-    values = [utt.rate, utt.pitch, utt.pitch_range, loudness, utt.word_gap, utt.tremolo_depth, utt.tilt]
+    values = [utt.rate, utt.pitch, utt.pitch_range, loudness, utt.word_gap, utt.breathiness, utt.tilt]
     return [float(v) for v in values], _ENDINGS.index(utt.ending)
 
 # --------------------------------------------------------------------------------------------------
@@ -513,10 +510,16 @@ def synthesize(utt: SyntheticUtterance) -> tuple[np.ndarray, int]:
         energy = float(np.sum(x * x))
         x = x - utt.tilt * np.concatenate(([0.0], x[:-1]))
         x = x * np.sqrt(energy / max(float(np.sum(x * x)), 1e-12))
-    # Tremolo: slow amplitude modulation (voice shake).
-    if utt.tremolo_depth > 0:
-        t = np.arange(x.size) / sr
-        x = x * (1.0 + utt.tremolo_depth * np.sin(2.0 * np.pi * utt.tremolo_hz * t))
+    # Breathiness: aspiration noise that follows the speech envelope (10 ms RMS), first-differenced so it
+    # lies mostly above 2 kHz like real aspiration; energy-preserving, like the tilt. (Version 1 had a 4-8 Hz
+    # amplitude tremolo instead: under espeak's own syllable rhythm, no encoder or feature here heard it.)
+    if utt.breathiness > 0:
+        energy = float(np.sum(x * x))
+        window = int(0.01 * sr)
+        envelope = np.sqrt(np.convolve(x * x, np.ones(window) / window, mode="same"))
+        noise = np.diff(np.random.default_rng(utt.synth_seed).standard_normal(x.size), prepend=0.0) / np.sqrt(2.0)
+        x = x + utt.breathiness * envelope * noise
+        x = x * np.sqrt(energy / max(float(np.sum(x * x)), 1e-12))
     x = x * (_OUTPUT_HEADROOM * 10.0 ** (utt.gain_db / 20.0))
     peak = float(np.max(np.abs(x)))
     if peak > _PEAK_LIMIT:
