@@ -210,7 +210,7 @@ def train_with_validation(
             result.history.append(record)
             if score > result.best_score:
                 result.best_score, result.best_epoch, best_state = score, epoch + 1, _trainable_state(model)
-            bar.update(info=f"epoch {epoch + 1} {score_name.replace('_', ' ')} {score:.3f} (best {result.best_score:.3f})")
+            bar.update(info=f"epoch {epoch + 1} {score_name} {score:.3f} (best {result.best_score:.3f})")
             if not accelerator.is_main_process:
                 continue
             # tensors in state.pt (loaded with weights_only=True: a planted file cannot run code), the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The study beside the default: `dvc repro` on params.yaml with params-study.yaml's settings replaced
 # (5 folds x 6 methods) in a scratch clone of this repository's HEAD, then its report copied
-# to report/study/ (Markdown, HTML, figures). About half an hour with one seed (70 minutes with three) on the 2-core CPU machine; resumable
+# to report/study/ (Markdown, HTML, figures). About 100 minutes on the 2-core CPU machine (40 with one seed); resumable
 # (run it again: DVC skips the stages that are done).
 #   bash scripts/study.sh [SCRATCH_DIR]     (default: ../pldistill-study)
 set -euo pipefail

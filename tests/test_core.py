@@ -906,7 +906,7 @@ def _shown(info: str):
     """What a progress line says: ("validation", epoch, score, best so far) or ("batch", epoch, {term: mean})."""
     if not info:
         return info
-    if match := re.fullmatch(r"epoch (\d+) val UA (\S+) \(best (\S+)\)", info):
+    if match := re.fullmatch(r"epoch (\d+) validation_ua (\S+) \(best (\S+)\)", info):
         return "validation", int(match[1]), float(match[2]), float(match[3])
     words = info.split(" ")
     assert words[0] == "epoch" and len(words) % 2 == 0, info
