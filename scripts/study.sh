@@ -11,9 +11,19 @@ scratch=${1:-$repo/../pldistill-study}
 cd "$scratch"
 ran=$(mktemp) && cp dvc.lock "$ran" 2>/dev/null || true
 git fetch -q "$repo" HEAD && git checkout -q --force FETCH_HEAD
-# the checkout puts back the committed dvc.lock; restore this clone's record of the stages it has run, or a
-# re-run would start over (DVC still re-runs whatever the new commit or settings change)
-if [ -s "$ran" ]; then cp "$ran" dvc.lock; fi
+# the checkout puts back the committed dvc.lock: add this clone's record of the stages it has run that the
+# commit does not record (the study's other folds, methods and seeds), or a re-run would start over; the
+# commit's own entries stay, so its committed outputs (the pretrained encoder) are not made again. DVC still
+# re-runs whatever the new commit or settings change.
+if [ -s "$ran" ]; then
+  python - "$ran" <<'PY'
+import sys
+import yaml
+lock, ran = yaml.safe_load(open("dvc.lock")), yaml.safe_load(open(sys.argv[1]))
+lock["stages"] = {**ran.get("stages", {}), **lock.get("stages", {})}
+open("dvc.lock", "w").write(yaml.safe_dump(lock, sort_keys=False))
+PY
+fi
 rm -f "$ran"
 python - "$repo/params-study.yaml" <<'PY'
 import sys
