@@ -37,4 +37,5 @@ dvc repro
 echo "study: dvc repro took $(( ($(date +%s) - start) / 60 )) min"
 rm -rf "$repo/report/study"
 cp -r report "$repo/report/study"
+rm -rf "$repo/report/study/study"  # the clone's checkout of the committed study, not this run's
 echo "study report -> $repo/report/study/report.md"
