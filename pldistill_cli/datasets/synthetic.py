@@ -491,6 +491,11 @@ def _trim(raw: np.ndarray, threshold: int = 64, margin: int = 220) -> np.ndarray
     return raw[max(int(loud[0]) - margin, 0): int(loud[-1]) + margin + 1]
 
 
+def _same_energy(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """y scaled to x's energy (sum of squares), so a timbre effect does not change the loudness."""
+    return y * np.sqrt(float(np.sum(x * x)) / max(float(np.sum(y * y)), 1e-12))
+
+
 def synthesize(utt: SyntheticUtterance) -> tuple[np.ndarray, int]:
     """Render one utterance: float32 mono waveform in [-1, 1] and its sample rate (espeak's native rate, 22050).
 
@@ -507,19 +512,15 @@ def synthesize(utt: SyntheticUtterance) -> tuple[np.ndarray, int]:
     # Spectral tilt: y[n] = x[n] - tilt * x[n-1] (tilt > 0 pre-emphasis/brighter, < 0 smoother/darker),
     # Energy-preserving, so the tilt changes timbre and not loudness.
     if utt.tilt:
-        energy = float(np.sum(x * x))
-        x = x - utt.tilt * np.concatenate(([0.0], x[:-1]))
-        x = x * np.sqrt(energy / max(float(np.sum(x * x)), 1e-12))
+        x = _same_energy(x - utt.tilt * np.concatenate(([0.0], x[:-1])), x)
     # Breathiness: aspiration noise that follows the speech envelope (10 ms RMS), first-differenced so it
     # lies mostly above 2 kHz like real aspiration; energy-preserving, like the tilt. (Version 1 had a 4-8 Hz
     # amplitude tremolo instead: under espeak's own syllable rhythm, no encoder or feature here heard it.)
     if utt.breathiness > 0:
-        energy = float(np.sum(x * x))
         window = int(0.01 * sr)
         envelope = np.sqrt(np.convolve(x * x, np.ones(window) / window, mode="same"))
         noise = np.diff(np.random.default_rng(utt.synth_seed).standard_normal(x.size), prepend=0.0) / np.sqrt(2.0)
-        x = x + utt.breathiness * envelope * noise
-        x = x * np.sqrt(energy / max(float(np.sum(x * x)), 1e-12))
+        x = _same_energy(x + utt.breathiness * envelope * noise, x)
     x = x * (_OUTPUT_HEADROOM * 10.0 ** (utt.gain_db / 20.0))
     peak = float(np.max(np.abs(x)))
     if peak > _PEAK_LIMIT:
