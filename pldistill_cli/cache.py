@@ -64,6 +64,15 @@ IDENTITY = ("format", "teacher", "prompt", "labels", "preprocess", "cache")  # w
 
 
 @dataclass(frozen=True)
+class EncoderRecord:
+    """Where a cache's encoder output X lives and what made it."""
+
+    weights: str  # encoder_fingerprint of the encoder's weights as stored (whatever dtype a stage loads them in)
+    store: str  # the encoder store folder
+    precision: str  # what computed X: "fp32", or "bf16" (bf16 weights or bf16 autocast, as on CUDA)
+
+
+@dataclass(frozen=True)
 class CacheMeta:
     """meta.json of a fold's cache: what made its values (IDENTITY fields are checked when read)."""
 
@@ -74,7 +83,7 @@ class CacheMeta:
     preprocess: dict[str, Any]  # the preprocessing settings the audio went through
     cache: dict[str, Any]  # attention_layer, top_k, temperature, projector_targets
     ids: str = ""  # fingerprint of the cached utterance ids
-    encoder: dict[str, str] | None = None  # {"weights": hash of the encoder, "store": its store folder}
+    encoder: EncoderRecord | None = None
 
     def write(self, folder: Path) -> None:
         write_json(folder / META_FILE, dataclasses.asdict(self))
@@ -96,12 +105,14 @@ def expected_meta(teacher_dir: Path, prompt: PromptLayout, params: Params) -> Ca
                      cache_settings(params))
 
 
-def encoder_fingerprint(encoder: torch.nn.Module) -> str:
-    """Hash of an audio encoder's weights (as float32, so a bf16 copy of the same weights agrees)."""
+def encoder_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """Hash of an audio encoder's weights as stored in the teacher's files (models.load_encoder): names,
+    dtypes and bytes. It does not depend on the dtype a stage then loads them in (bf16 on CUDA), so a bf16
+    teacher that cached X and the fp32 student built from the same files agree."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    for name, tensor in sorted(weights.items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -211,21 +222,24 @@ class TeacherCache:
                                  "`pldistill cache-teacher`") from None
         self.projector_weight, self.projector_bias = weights["weight"], weights["bias"]
 
-    def check_student_encoder(self, encoder: torch.nn.Module) -> None:
-        """The cached encoder output stands in for the student's own encoder only if that encoder is the
-        teacher's and stays frozen; anything else is refused, saying why."""
+    def check_student_encoder(self, encoder: torch.nn.Module, stored: dict[str, torch.Tensor]) -> None:
+        """The cached encoder output stands in for the student's own encoder only if that encoder holds the
+        weights the cache was made from (`stored`, as read from the teacher's files, in the encoder's own
+        dtype) and stays frozen; anything else is refused, saying why."""
         if any(p.requires_grad for p in encoder.parameters()):
             raise PldistillError(f"{self.folder}: the student's audio encoder is trainable, so the cached encoder "
                                  "output would go stale as it trains; keep the encoder frozen")
-        found, cached = encoder_fingerprint(encoder), self.meta.encoder["weights"]
-        if found != cached:
+        found, cached = encoder_fingerprint(stored), self.meta.encoder.weights
+        state = encoder.state_dict()
+        same = state.keys() == stored.keys() and all(torch.equal(state[k], v.to(state[k])) for k, v in stored.items())
+        if found != cached or not same:
             raise PldistillError(f"{self.folder}: the cached encoder output is not this student's encoder's "
                                  f"(weights {found}, cache {cached}); build the student on the cached teacher's encoder")
 
     @cached_property
     def store(self) -> EncoderStore:
         """The encoder store the cache reads X from, indexed once for every split."""
-        folder = Path(self.meta.encoder["store"])
+        folder = Path(self.meta.encoder.store)
         if not folder.exists():
             raise PldistillError(f"{folder}: the encoder store this cache reads is gone; re-run `pldistill cache-teacher`")
         return EncoderStore(folder, self.projector_weight.shape[1])

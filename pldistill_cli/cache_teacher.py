@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from .audio import read_audio
-from .cache import (CACHE_SCHEMA, GRAM_SCHEMA, META_FILE, PROJECTOR_FILE, CacheMeta, EncoderStore,
+from .cache import (CACHE_SCHEMA, GRAM_SCHEMA, META_FILE, PROJECTOR_FILE, CacheMeta, EncoderRecord, EncoderStore,
                     encoder_fingerprint, expected_meta, ids_in, write_part)
 from .config import Params, fingerprint, preprocessing
 from .data import length_sorted_batches, text_batch
@@ -37,7 +37,7 @@ from .files import replace_folder
 from .forward import audio_features, encode_audio, forward_with_audio_attention, topk_from_hidden
 from .layout import Layout
 from .manifest import manifest_labels, read_manifest, split_of
-from .models import load_model, weights_dtype
+from .models import bf16_device, load_encoder, load_model, weights_dtype
 from .prompt import PromptLayout
 from .training import autocast, resolve_device, start_processes
 from .ui import console, progress
@@ -79,12 +79,13 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
     manifest = read_manifest(layout.manifest(dataset))
     manifest["split"] = split_of(manifest, fold)
     rows = manifest[manifest["split"] != "test"].reset_index(drop=True)
-    encoder_hash = encoder_fingerprint(model.model.audio_tower)
+    encoder_hash = encoder_fingerprint(load_encoder(teacher_dir)[1])  # the stored weights, not this dtype's copy
+    precision = "bf16" if bf16_device(device) or model.dtype == torch.bfloat16 else "fp32"
     key = fingerprint({"encoder": encoder_hash, "preprocess": preprocessing(params),
-                       "window": processor.feature_extractor.chunk_length})
+                       "window": processor.feature_extractor.chunk_length, "precision": precision})
     store = EncoderStore(layout.encoded(dataset, key), model.config.audio_config.d_model)
     meta = dataclasses.replace(expected_meta(teacher_dir, prompt, params), ids=fingerprint(sorted(rows["id"])),
-                               encoder={"weights": encoder_hash, "store": str(store.folder)})
+                               encoder=EncoderRecord(encoder_hash, str(store.folder), precision))
 
     work = layout.work(dataset, fold, "cache-teacher")
     if processes.is_main_process:

@@ -93,10 +93,10 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def build_student(params: Params, processor, teacher_dir, seed: int) -> tuple[torch.nn.Module, dict]:
+def build_student(params: Params, processor, teacher_dir, seed: int) -> tuple[torch.nn.Module, dict, dict]:
     """The student: the teacher's audio encoder (frozen), a new projector and the LLM of the preset
-    (random) or, with preset hub, the `model.student_llm` checkpoint; returns it and where its
-    LLM came from."""
+    (random) or, with preset hub, the `model.student_llm` checkpoint; returns it, where its LLM came
+    from, and the encoder's weights as the teacher's files store them."""
     encoder_config, encoder_weights, audio_token = load_encoder(teacher_dir)
     dtype = weights_dtype(params.model.dtype, torch.device("cpu"), frozen=False)
     if params.model.preset == "hub":
@@ -106,7 +106,7 @@ def build_student(params: Params, processor, teacher_dir, seed: int) -> tuple[to
     else:
         llm = build_student_llm(get_preset(params.model.preset), len(processor.tokenizer), seed).to(dtype)
         origin = {"preset": params.model.preset}
-    return assemble_student(encoder_config, encoder_weights, audio_token, llm, seed).to(dtype), origin
+    return assemble_student(encoder_config, encoder_weights, audio_token, llm, seed).to(dtype), origin, encoder_weights
 
 
 @dataclass
@@ -124,14 +124,14 @@ def fresh_student(params: Params, processor, teacher_dir, seed: int, cache: Teac
                   device) -> Student:
     p = params.distill
     seed_everything(seed)
-    student, origin = build_student(params, processor, teacher_dir, seed)
+    student, origin, encoder_weights = build_student(params, processor, teacher_dir, seed)
     if p.train_llm == "frozen":
         student.model.language_model.requires_grad_(False)
         student.lm_head.requires_grad_(False)
     if params.model.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(student, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_projector) if p.train_llm == "lora" else None
-    cache.check_student_encoder(student.model.audio_tower)  # after every change to what trains
+    cache.check_student_encoder(student.model.audio_tower, encoder_weights)  # after every change to what trains
     adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
     trained = {"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})}
     for module in trained.values():

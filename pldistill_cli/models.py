@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,10 +407,20 @@ def model_files(folder: Path, missing_hint: str = "run the stage that makes it f
     return checkpoint.path
 
 
+CPU_AS_CUDA = "PLDISTILL_CPU_AS_CUDA"
+
+
+def bf16_device(device: torch.device | str) -> bool:
+    """Whether `device` takes CUDA's precision choices (bf16 frozen weights with `model.dtype: auto`, bf16
+    autocast): CUDA, or any device with PLDISTILL_CPU_AS_CUDA=1, which reproduces a GPU run's numerics (and
+    their bugs) on a CPU. Every such choice goes through this one test."""
+    return torch.device(device).type == "cuda" or os.environ.get(CPU_AS_CUDA) == "1"
+
+
 def weights_dtype(setting: str, device: torch.device, frozen: bool) -> torch.dtype:
     """bf16 when asked, or by default for frozen (inference-only) weights on a GPU; fp32 otherwise
     (trained weights stay fp32 under bf16 autocast)."""
-    if setting == "bf16" or (setting == "auto" and frozen and device.type == "cuda"):
+    if setting == "bf16" or (setting == "auto" and frozen and bf16_device(device)):
         return torch.bfloat16
     return torch.float32
 

@@ -83,8 +83,10 @@ def shuffled_batches(n_items: int, batch_size: int, seed: int) -> list[list[int]
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast on CUDA (or on a CPU told to take CUDA's choices: models.bf16_device); plain fp32 on CPU."""
+    from .models import bf16_device
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16_device(device) else nullcontext()
 
 
 def seed_everything(seed: int) -> None:

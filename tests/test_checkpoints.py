@@ -102,7 +102,7 @@ def test_student_from_an_llm_folder_with_tied_embeddings(hub_run, checkpoints):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(teacher_dir)
-    student, origin = build_student(params, processor, teacher_dir, seed=0)
+    student, origin, _ = build_student(params, processor, teacher_dir, seed=0)
     llm = Qwen2ForCausalLM.from_pretrained(checkpoints / "llm")
     embed = student.model.language_model.embed_tokens.weight
     assert student.lm_head.weight is embed  # tied as in the LLM, counted once
@@ -162,17 +162,20 @@ def test_the_cache_refuses_a_student_encoder_that_is_not_the_teachers_or_trains(
     processor = AutoProcessor.from_pretrained(teacher_dir)
     prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
     cache = TeacherCache(layout.cache("synthetic", 1), expected_meta(teacher_dir, prompt, params), prompt)
-    student, _ = build_student(params, processor, teacher_dir, seed=0)
+    student, _, stored = build_student(params, processor, teacher_dir, seed=0)
     encoder = student.model.audio_tower
-    cache.check_student_encoder(encoder)
+    cache.check_student_encoder(encoder, stored)
     encoder.requires_grad_(True)
     with pytest.raises(PldistillError, match="encoder is trainable"):
-        cache.check_student_encoder(encoder)
+        cache.check_student_encoder(encoder, stored)
     encoder.requires_grad_(False)
+    other = {k: v + 1e-3 if k == "conv1.weight" else v for k, v in stored.items()}
+    with pytest.raises(PldistillError, match="not this student's encoder"):  # other stored weights
+        cache.check_student_encoder(encoder, other)
     with torch.no_grad():
         encoder.conv1.weight.add_(1e-3)
-    with pytest.raises(PldistillError, match="not this student's encoder"):
-        cache.check_student_encoder(encoder)
+    with pytest.raises(PldistillError, match="not this student's encoder"):  # the module changed since it was built
+        cache.check_student_encoder(encoder, stored)
 
 
 def test_a_zero_shot_teacher_is_the_checkpoint_as_is(prepared, checkpoints, tmp_path):

@@ -353,7 +353,7 @@ def test_a_lora_student_trains_and_saves_as_a_plain_model(run_dir, monkeypatch):
     from pldistill_cli.distill import build_student
 
     processor = __import__("transformers").AutoProcessor.from_pretrained(saved)
-    base, _ = build_student(params, processor, run_dir / "data/runs/synthetic/fold1/teacher", 3)
+    base, _, _ = build_student(params, processor, run_dir / "data/runs/synthetic/fold1/teacher", 3)
     merged, start = model.state_dict(), base.state_dict()
     lora_targets = [n for n in merged if re.search(r"language_model\.layers\.\d+\.(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.weight", n)]
     assert len(lora_targets) == 7 * 2 and all(not torch.equal(merged[n], start[n]) for n in lora_targets)
@@ -391,7 +391,7 @@ def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, t
     processor = AutoProcessor.from_pretrained(teacher_dir)
     labels = tuple(json.loads((teacher_dir / "pldistill.json").read_text())["labels"])
     prompt = PromptLayout.from_processor(processor, labels)
-    student, _ = build_student(params, processor, teacher_dir, seed=0)
+    student, _, _ = build_student(params, processor, teacher_dir, seed=0)
     for method in ("pl-distill", "cka"):
         terms = {}
         for name, layout, settings in (("linear", Layout(), params), ("gram", gram_layout, gram_params)):
