@@ -6,7 +6,7 @@ float32 with autocast disabled, whatever the input dtype or the caller's autocas
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -538,6 +538,91 @@ def kl_from_targets(student_logits: Tensor, targets: KLTargets, mask: Tensor, te
         return _masked_mean(_BucketedKL.apply(student_logits, targets, temperature), mask) * temperature**2
 
 
+class _LinearBucketedKL(torch.autograd.Function):
+    """sum_n c_n KL_b(h_n W^T) over rows h_n [N, D] (see linear_kl), with its gradients on h and W computed in
+    the forward pass, one chunk of rows at a time: no [N, V] tensor ever exists, and each chunk's logits
+    are read about seven times (max, exp in place, two sums, one scaled gradient) instead of the fourteen
+    passes of logits -> _BucketedKL. Per chunk, with a the row max, e = exp((s - a) / T) in place,
+    S = sum e, S_tail = the same sum with the top-k ids zeroed (exact: a sum of the tail's own terms),
+
+        KL_b = sum p' log p' + r' log r' + mass (a / T + log S) - sum p'_i s_i / T - r' (a / T + log S_tail),
+        dKL_b/ds = (e (mass / S - r' / S_tail) + [e r' / S_tail at the top-k ids] - p' at the ids) / T.
+
+    A row whose tail underflows against its max (S_tail below 1e-30) is recomputed exactly by _BucketedKL."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, weight: Tensor, t: KLTargets, mask: Tensor, temperature: float,
+                chunk: int) -> Tensor:
+        grads, ctx.weight_dtype = ctx.needs_input_grad[0] or ctx.needs_input_grad[1], weight.dtype
+        grad_rows = torch.zeros_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        clips = mask.sum(-1, keepdim=True).clamp_min(1).expand_as(mask)
+        scale = (temperature**2 / (len(mask) * clips))[mask].float()  # d(the batch's KL) / d(a row's KL)
+        values = []
+        for i in range(0, len(rows), chunk):
+            h, c = rows[i : i + chunk], KLTargets(*(x[i : i + chunk] for x in t))
+            logits = F.linear(h, weight).float()  # the one [chunk, V] buffer: every pass below is in place
+            s_ids = logits.gather(-1, c.ids)
+            a = logits.amax(-1, keepdim=True)
+            e = logits.sub_(a).mul_(1 / temperature).exp_()
+            total_sum = e.sum(-1)
+            e_cover = e.gather(-1, c.cover)
+            tail_sum = e.scatter_(-1, c.cover, 0.0).sum(-1)
+            e.scatter_(-1, c.cover, e_cover)
+            lse, lse_tail = a[:, 0] / temperature + total_sum.log(), a[:, 0] / temperature + tail_sum.log()
+            has_tail = c.tail > 0
+            kl = (c.neg_entropy + c.mass * lse - (c.p * s_ids).sum(-1) / temperature
+                  - torch.where(has_tail, c.tail * lse_tail, 0.0))
+            exact = has_tail & (tail_sum < 1e-30)  # the tail underflowed against the row's max
+            if exact.any():
+                kl = kl.masked_scatter(exact, _BucketedKL.apply(
+                    F.linear(h[exact], weight), KLTargets(*(x[exact] for x in c)), temperature))
+            values.append(kl)
+            if not grads:
+                continue
+            w = scale[i : i + chunk] / temperature
+            tail = torch.where(has_tail & ~exact, c.tail / tail_sum, 0.0)
+            g = e.mul_((w * (c.mass / total_sum - tail))[:, None])  # e is now the gradient of the chunk's logits
+            g.scatter_(-1, c.cover, e_cover * (w * c.mass / total_sum)[:, None])  # no tail term at the top-k ids
+            g.scatter_add_(-1, c.ids, -(w[:, None] * c.p))
+            if exact.any():
+                with torch.enable_grad():
+                    s = F.linear(h[exact], weight).float().detach().requires_grad_(True)
+                    torch.autograd.backward(_BucketedKL.apply(s, KLTargets(*(x[exact] for x in c)), temperature),
+                                            scale[i : i + chunk][exact])
+                g[exact] = s.grad
+            if grad_rows is not None:
+                grad_rows[i : i + chunk] = g.to(weight.dtype) @ weight
+            if grad_weight is not None and h.dtype == g.dtype and not torch.is_autocast_enabled(h.device.type):
+                grad_weight.addmm_(g.T, h)  # in place: no [V, D] product per chunk
+            elif grad_weight is not None:  # bf16 products (autocast), accumulated in float32
+                grad_weight += (g.to(h.dtype).T @ h).float()
+        ctx.save_for_backward(grad_rows, grad_weight)
+        per_row = torch.zeros(mask.shape, dtype=torch.float32, device=rows.device)
+        per_row[mask] = torch.cat(values) if values else per_row[mask]
+        return _masked_mean(per_row, mask).mean() * temperature**2  # summed as kl_from_targets sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        grad_rows, grad_weight = ctx.saved_tensors
+        return (grad_rows * g if grad_rows is not None else None,
+                (grad_weight * g).to(ctx.weight_dtype) if grad_weight is not None else None, None, None, None, None)
+
+
+def linear_kl(hidden: Tensor, weight: Tensor, targets: KLTargets, mask: Tensor, temperature: float,
+              chunk_bytes: int = 2**28) -> Tensor:
+    """kl_from_targets(hidden @ weight^T, targets, mask, T).mean() -- the batch's bucketed KL from the LLM's
+    last hidden states [B, L, D] and the output layer's weight [V, D] -- without the [B, L, V] logits: the
+    rows the mask selects go through the output layer `chunk_bytes` of fp32 logits at a time (the Liger-kernel
+    idea of fused linear losses: each chunk's gradient is taken at once and only [N, D] and [V, D] kept).
+    The matrix products follow the caller's autocast (bf16 on CUDA); the softmax maths is float32. Each chunk
+    adds its share to the [V, D] gradient of the weight, so chunks are large (256 MB: 441 rows at 151,936 ids)."""
+    m = mask.bool()
+    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    return _LinearBucketedKL.apply(hidden[m], weight, KLTargets(*(x[m] for x in targets)), m, temperature, chunk)
+
+
 def bucketed_kl(
     student_logits: Tensor,
     teacher_topk_ids: Tensor,
@@ -578,12 +663,15 @@ def bucketed_kl(
 # --------------------------------------------------------------------------- CE
 
 
-def answer_cross_entropy(logits: Tensor, input_ids: Tensor, answer_mask: Tensor) -> Tensor:
+def answer_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], input_ids: Tensor,
+                         answer_mask: Tensor) -> Tensor:
     """Mean next-token cross-entropy over the answer tokens.
 
     answer_mask [B, S] marks the positions p whose next token input_ids[:, p + 1] is an answer
-    token (label tokens and end of turn); logits [B, S, V]. Computed in float32.
+    token (label tokens and end of turn); hidden [B, S, D] are the LLM's last hidden states and
+    `head` its output layer, applied to the answer positions only (a handful of rows, not B x S x V
+    logits). The cross-entropy is computed in float32.
     """
+    logits = head(hidden[:, :-1][answer_mask[:, :-1]])
     with _no_autocast(logits):
-        targets = input_ids[:, 1:][answer_mask[:, :-1]]
-        return F.cross_entropy(logits[:, :-1][answer_mask[:, :-1]].float(), targets)
+        return F.cross_entropy(logits.float(), input_ids[:, 1:][answer_mask[:, :-1]])

@@ -10,8 +10,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from .forward import forward_from_encoder, step_mask
-from .losses import (KLTargets, TeacherSide, answer_cross_entropy, aw_cka_gram, aw_cka_teacher, kl_from_targets,
-                     kl_targets, teacher_factor, teacher_side)
+from .losses import (KLTargets, TeacherSide, answer_cross_entropy, aw_cka_gram, aw_cka_teacher, kl_targets,
+                     linear_kl, teacher_factor, teacher_side)
 from .prompt import PromptLayout
 
 
@@ -159,9 +159,10 @@ def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, l
                        adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The method's loss terms and their weighted sum for one batch of cached targets:
     loss = CE + lambda_P (1 - CKA) (or lambda_P MSE for FitNets) + lambda_L KL."""
-    logits, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
-                                                batch["attention_mask"])
-    terms = {"ce": answer_cross_entropy(logits, batch["input_ids"], batch["answer_mask"])}
+    hidden, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
+                                                batch["attention_mask"], logits=False)
+    head = student.get_output_embeddings()  # the LM head: logits only where a term reads them
+    terms = {"ce": answer_cross_entropy(hidden, head, batch["input_ids"], batch["answer_mask"])}
     loss = terms["ce"]
     if method.projector:
         mask = step_mask(batch["lengths"], projected.shape[1])
@@ -179,7 +180,7 @@ def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, l
             loss = loss + lambda_p * (1 - terms["cka"])
     if method.kl:
         positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
-        terms["kl"] = kl_from_targets(logits[:, :-1], teacher.kl(batch, logits.shape[-1]), positions,
-                                      teacher.temperature).mean()
+        terms["kl"] = linear_kl(hidden[:, :-1], head.weight, teacher.kl(batch, head.weight.shape[0]), positions,
+                                teacher.temperature)
         loss = loss + lambda_l * terms["kl"]
     return {"loss": loss, **terms}

@@ -109,8 +109,10 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
             features = spec_augment(batch.features, batch.feature_mask, **augment)  # training only
             with autocast(device):
                 encoded, lengths = encode_audio(model, features.to(device), batch.feature_mask.to(device))
-                logits, _, _ = forward_from_encoder(model, encoded, lengths, text.input_ids, text.attention_mask)
-            return {"loss": answer_cross_entropy(logits, text.input_ids, text.answer_mask)}
+                hidden, _, _ = forward_from_encoder(model, encoded, lengths, text.input_ids, text.attention_mask,
+                                                    logits=False)
+                return {"loss": answer_cross_entropy(hidden, model.get_output_embeddings(), text.input_ids,
+                                                     text.answer_mask)}
         return TrainingStep({"teacher": model}, terms)
 
     def validate() -> float:

@@ -901,3 +901,65 @@ def test_top_k_from_hidden_states_in_chunks_equals_the_top_k_of_dense_logits():
     dense_ids, dense_logprobs = topk_logprobs(head(hidden), 5, 2.0)
     assert torch.equal(ids, dense_ids)
     torch.testing.assert_close(logprobs, dense_logprobs)
+
+
+# ----------------------------------------------------------------------------- the KL through the output layer
+
+
+def _linear_case(b: int, l: int, d: int, v: int, extra: int = 0, scale: float = 1.0):
+    """Hidden states, an output layer and the teacher's targets over the student's v ids (`extra` teacher ids
+    beyond them), with one clip that has no KL position and one masked position."""
+    from pldistill_cli.losses import kl_targets
+
+    hidden, weight = torch.randn(b, l, d), scale * torch.randn(v, d) / d**0.5
+    t = torch.randn(b, l, v + extra) * 2
+    t[..., v:] += 3.0
+    mask = torch.ones(b, l, dtype=torch.bool)
+    mask[0] = False
+    mask[1, 2] = False
+    ids, lp = topk_logprobs(t, 4, 2.0)
+    return hidden, weight, kl_targets(ids, lp, mask, v), mask
+
+
+@pytest.mark.parametrize("chunk_bytes, extra, scale", [(2**26, 0, 1.0), (4 * 40 * 3, 0, 1.0), (4 * 40 * 2, 6, 1.0),
+                                                       (4 * 40 * 5, 0, 4000.0)])
+def test_the_kl_through_the_output_layer_is_the_kl_of_its_logits(chunk_bytes: int, extra: int, scale: float) -> None:
+    """linear_kl (rows through the output layer a chunk at a time, gradients taken in the forward pass) equals
+    kl_from_targets on the dense logits, in value and in its gradients on the hidden states and the weight:
+    whole, in chunks of 3 or 2 rows (14 rows), with teacher ids beyond the vocabulary, and with a student so
+    confident (scale 4000) that its tail underflows against the row's max and is recomputed exactly."""
+    from pldistill_cli.losses import kl_from_targets, linear_kl
+
+    hidden, weight, targets, mask = _linear_case(3, 6, 8, 40, extra, scale)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    expected = kl_from_targets(h1 @ w1.T, targets, mask, 2.0).mean()
+    expected.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = linear_kl(h2, w2, targets, mask, 2.0, chunk_bytes)
+    (0.5 * out).backward()  # the upstream gradient scales both
+    assert torch.isfinite(expected) and float(expected) > 0
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, 0.5 * h1.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w2.grad, 0.5 * w1.grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(h2.grad[0], torch.zeros_like(h2.grad[0])) and torch.equal(h2.grad[1, 2], torch.zeros(8))
+    if scale > 1:  # the case exercised the exact recomputation: some tail sums underflow
+        logits = (hidden @ weight.T)[mask]
+        assert ((logits - logits.amax(-1, keepdim=True)) / 2.0 < -104).any()
+
+
+def test_the_kl_through_the_output_layer_under_bf16_autocast_and_without_gradients() -> None:
+    """Under bf16 autocast (CUDA's choice) the products run in bf16 and the result is the KL of the bf16
+    logits; the weight's gradient stays float32. Without gradients, only the value is computed."""
+    from pldistill_cli.losses import kl_from_targets, linear_kl
+
+    hidden, weight, targets, mask = _linear_case(2, 5, 8, 40)
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_kl(hidden, w, targets, mask, 2.0)
+    rounded = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    torch.testing.assert_close(out, kl_from_targets(rounded, targets, mask, 2.0).mean(), rtol=1e-5, atol=1e-6)
+    out.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(linear_kl(hidden, weight, targets, mask, 2.0),
+                                   kl_from_targets(hidden @ weight.T, targets, mask, 2.0).mean())

@@ -168,8 +168,8 @@ def test_the_teachers_constants_kept_per_clip_change_nothing_and_are_used(setup,
             again = TargetCollate(prompt)([{**_rows(batch)[i], **kept[i]} for i in (2, 0, 1)])
             terms = distillation_terms(student, again, METHODS[method], teacher, 0.3, 1.7)
             assert set(terms) == set(plain)
-            for key in plain:
-                torch.testing.assert_close(terms[key], plain[key], rtol=0, atol=1e-6)
+            for key in plain:  # float32 sums in another order: the debiased HSIC's cancellation costs ~3e-6 relative
+                torch.testing.assert_close(terms[key], plain[key], rtol=1e-5, atol=1e-6)
             # two of the clips, without the longest: shorter padding than the constants were computed with
             pair = [_rows(batch)[i] for i in (1, 0)]
             alone = distillation_terms(student, TargetCollate(prompt)(pair), METHODS[method], teacher, 0.3, 1.7)
