@@ -1,4 +1,6 @@
-"""Audio I/O and conditioning: any soundfile format, any rate, any channels -> mono float32 at 16 kHz."""
+"""Audio I/O and conditioning: any soundfile format, any rate, any channels -> mono float32 at 16 kHz.
+(What a file holds is read and checked by inputs.audio_samples, which needs no torch: the CLI checks
+predict's inputs with it before a model loads.)"""
 
 from __future__ import annotations
 
@@ -10,30 +12,13 @@ import torch
 import torchaudio.functional as AF
 
 from .files import atomic_path
-
-SILENCE_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) carries no speech
-
-
-class BadAudio(ValueError):
-    """One unusable audio file; the caller reports and skips it."""
+from .inputs import MIN_SECONDS, SILENCE_PEAK, BadAudio, audio_problem, audio_samples  # noqa: F401 (shared names)
 
 
 def read_audio(path: Path | str, sample_rate: int) -> np.ndarray:
     """Mono float32 waveform at `sample_rate` (channels averaged); raises BadAudio for corrupt,
     empty, silent or non-finite audio."""
-    if not Path(path).is_file():
-        raise BadAudio("file not found")
-    try:
-        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise BadAudio(f"unreadable ({str(exc).splitlines()[0]})") from None
-    if wave.size == 0:
-        raise BadAudio("empty")
-    if not np.isfinite(wave).all():
-        raise BadAudio("non-finite samples")
-    wave = wave.mean(axis=1)
-    if np.abs(wave).max() < SILENCE_PEAK:
-        raise BadAudio("silent")
+    wave, rate = audio_samples(path)
     if rate != sample_rate:
         wave = AF.resample(torch.from_numpy(wave), rate, sample_rate).numpy()
     return np.ascontiguousarray(wave, dtype=np.float32)

@@ -30,10 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 from .audio import read_audio
 from .cache import (CACHE_SCHEMA, GRAM_SCHEMA, META_FILE, PROJECTOR_FILE, CacheMeta, EncoderRecord, EncoderStore,
                     encoder_fingerprint, expected_meta, ids_in, write_part)
-from .config import Params, fingerprint, preprocessing
+from .config import Params, fingerprint, params_file, preprocessing
 from .data import length_sorted_batches, text_batch
 from .errors import PldistillError
 from .files import replace_folder
+from .inputs import check_cache_settings
 from .forward import audio_features, encode_audio, forward_with_audio_attention, topk_from_hidden
 from .layout import Layout
 from .manifest import manifest_labels, read_manifest, split_of
@@ -69,6 +70,7 @@ class _ClipsToEncode(Dataset):
 @torch.no_grad()
 def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> Path:
     p = params.cache
+    check_cache_settings(layout.teacher(dataset, fold), p.top_k, p.attention_layer, params_file(params))  # nothing written yet
     labels = manifest_labels(layout.manifest(dataset))
     teacher_dir = layout.teacher(dataset, fold)
     device = resolve_device(p.device)

@@ -1,8 +1,9 @@
 """`pldistill`: a thin Typer CLI over the library; each pipeline command is one stage (graph.py).
 
 Before a stage's module (and torch) is imported, the CLI validates params.yaml, checks the stage's
-data dependencies exist, and hands the stage only the params it declares: bad input is reported in
-well under a second, as one `error:` line (exit 1; usage errors exit 2)."""
+data dependencies exist and are whole (inputs.py), checks the device and the launcher's process count,
+takes the stage's lock, and hands the stage only the params it declares: bad input is reported in well
+under a second, as one `error:` line (exit 1; usage errors exit 2)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from importlib import import_module
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -18,10 +20,12 @@ from typing import Callable, Literal, Optional
 import typer
 
 from . import __version__
-from .config import Params, Restricted, check_dataset_name, load_params
+from .config import Params, Restricted, check_dataset_name, load_params, params_file
 from .errors import PldistillError
 from .files import exclusive
-from .graph import STAGES, producer
+from .graph import CACHE, STAGES
+from .inputs import (MIN_SECONDS, audio_problem, check_cache_settings, check_device, check_encoder_store,
+                     check_export_destination, check_files, check_world_size, expand_inputs, how_to_make, unusable_input)
 from .layout import Layout, student_name
 from .ui import console
 
@@ -41,6 +45,7 @@ METHOD = typer.Option(None, "--method", help="Distillation method (default: dist
 SEED = typer.Option(None, "--seed", min=0, help="Student seed (default: seed in params.yaml).")
 _interrupted = "nothing was kept; re-run the same command"  # what Ctrl-C reports; stages that resume set it
 _timings: dict = {}  # where a stage's time went (PLDISTILL_TIMINGS=FILE appends it there as a JSON line)
+_params_file = "params.yaml"  # the --params given: stage errors about a setting say `params.yaml:`; they mean it
 
 
 def _version(value: bool) -> None:
@@ -55,52 +60,68 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
+def _load(path: Path) -> Params:
+    global _params_file
+    _params_file = str(path)
+    return load_params(path)
+
+
 def _check_deps(stage: str, values: dict) -> None:
-    """Every data dependency of the stage exists; a missing one names the command that makes it."""
+    """Every data dependency of the stage exists and its files are whole; a missing or truncated one names
+    the command that makes it."""
     for template in STAGES[stage].deps:
-        path = STAGES[stage].fill(template, values)
-        if not Path(path).exists():
-            made = producer(path)
-            how = ""
-            if made:
-                options = "".join(f" --{k} {v}" for k, v in made[1].items())
-                how = f"; run `pldistill {STAGES[made[0]].command}{options}` (or `dvc repro`) first"
-            raise PldistillError(f"{path}: not found{how}")
+        path = Path(STAGES[stage].fill(template, values))
+        if not path.exists():
+            made = how_to_make(path)
+            raise PldistillError(f"{path}: not found" + (f"; run `{made}` (or `dvc repro`) first" if made else ""))
+        if stage != "report":  # the report reads a few files of whole trees: those it checks itself
+            check_files(path)
+        if template == CACHE:
+            check_encoder_store(path)
 
 
-def _settings(path: Path, stage: str, values: dict, device: Optional[str] = None, section: str = "") -> Params:
-    """params.yaml validated, with --device applied, restricted to the keys the stage declares."""
-    params = load_params(path)
-    if device is not None:
-        params = dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section), device=device)})
-    return Restricted.of(params, STAGES[stage].param_keys(values), stage)
+def _check_setup(stage: str, params: Params, device: Optional[str], section: str) -> None:
+    """The device the stage would use exists, and the launcher started the processes params.yaml expects."""
+    source = params_file(params)
+    if section:
+        check_device(device or getattr(params, section).device,
+                     "--device" if device else f"{source}: {section}.device")
+    if STAGES[stage].launcher:
+        check_world_size(params.world_size, source)
 
 
 def _run(stage: str, values: dict, params: Path, call: Callable[[Params], object], device: Optional[str] = None,
-         section: str = "", resumes: str = "") -> object:
-    """Run one stage: validate, check inputs, then import torch and call the library."""
+         section: str = "", resumes: str = "", check: Optional[Callable[[Params], None]] = None) -> object:
+    """Run one stage: validate, check inputs, take the stage's lock, then import torch and call the library."""
     global _interrupted
     if "dataset" in values:
         check_dataset_name(values["dataset"])
-    settings = _settings(params, stage, values, device, section)
+    full = _load(params)
+    if device is not None:
+        full = dataclasses.replace(full, **{section: dataclasses.replace(getattr(full, section), device=device)})
+        object.__setattr__(full, "source", str(params))
+    settings = Restricted.of(full, STAGES[stage].param_keys(values), stage)
     _check_deps(stage, values)
-    if "dataset" in values and "fold" in values:
+    _check_setup(stage, full, device, section)
+    if check is not None:
+        check(full)
+    if "dataset" in values and "fold" in values:  # reads the manifest (pyarrow): the slowest check, last
         from .manifest import check_fold
 
         check_fold(Layout().manifest(values["dataset"]), values["fold"])
-    began = time.perf_counter()
-    import_module(f".{STAGES[stage].module}", __package__)  # torch, transformers: after the cheap checks
-    _timings.update(stage=stage, startup=time.perf_counter() - began, started=began)
-    if "cpu_threads" in {k.split(".")[0] for k in STAGES[stage].params}:
-        import torch
+    # under torchrun the first process holds the stage's lock; a second run stops here, before the imports
+    lock = exclusive(Path(resumes), f"`pldistill {STAGES[stage].command}` for these outputs") \
+        if resumes and os.environ.get("RANK", "0") == "0" else nullcontext()
+    with lock:
+        began = time.perf_counter()
+        import_module(f".{STAGES[stage].module}", __package__)  # torch, transformers: after the cheap checks
+        _timings.update(stage=stage, startup=time.perf_counter() - began, started=began)
+        if "cpu_threads" in {k.split(".")[0] for k in STAGES[stage].params}:
+            import torch
 
-        torch.set_num_threads(settings.cpu_threads)
-    if not resumes:
-        return call(settings)
-    _interrupted = f"progress kept in {resumes}; re-run the same command to resume"
-    if os.environ.get("RANK", "0") != "0":  # under torchrun the first process holds the stage's lock
-        return call(settings)
-    with exclusive(Path(resumes), f"`pldistill {STAGES[stage].command}` for these outputs"):
+            torch.set_num_threads(settings.cpu_threads)
+        if resumes:
+            _interrupted = f"progress kept in {resumes}; re-run the same command to resume"
         return call(settings)
 
 
@@ -118,19 +139,29 @@ def preprocess(
     """Corpus -> 16 kHz mono wavs and a manifest with speaker-independent folds.
 
     Options left out come from `corpora.<dataset>` in params.yaml."""
-    from .datasets import resolve
+    from .datasets import check_corpus, ignored, resolve
 
     overrides = dict(adapter=adapter, metadata=metadata and str(metadata), csv=csv and str(csv),
                      speaker_pattern=speaker_pattern)
 
+    def check(settings: Params) -> None:  # before torch: option conflicts, unknown dataset, root, the CSV
+        configured = settings.corpora.get(dataset)
+        name = adapter or (configured.adapter if configured is not None else "") or dataset
+        unread = ignored(name, metadata=metadata, csv=csv, speaker_pattern=speaker_pattern)
+        if unread:
+            option = "--" + unread[0].replace("_", "-")
+            raise typer.BadParameter(f"the {name} adapter does not read {option}; leave it out, or pass the adapter "
+                                     "that reads it (`--adapter folder` reads --csv, emobox --metadata)",
+                                     param_hint=f"'{option}'")
+        check_corpus(dataset, *resolve(dataset, settings, root, **overrides))
+
     def call(settings: Params):
-        resolve(dataset, settings, root, **overrides)  # unknown dataset, missing root: before torch
         from .preprocess import preprocess as run
 
         return run(dataset, settings, Layout(), root, **overrides)
 
     result = _run("preprocess", {"dataset": dataset}, params, call,
-                  resumes=str(Layout().work(dataset, None, "preprocess")))
+                  resumes=str(Layout().work(dataset, None, "preprocess")), check=check)
     console.print(f"[green]{result.n_utterances} utterances[/] -> {result.manifest}; {len(result.quarantine)} "
                   f"skipped, {sum(result.excluded.values())} left out by design; labels: {result.label_counts}",
                   highlight=False)
@@ -171,13 +202,17 @@ def cache_teacher(dataset: str = DATASET, fold: int = FOLD, params: Path = PARAM
 
         return build_cache(dataset, fold, settings, Layout())
 
+    def check(settings: Params) -> None:  # top_k and attention_layer fit the teacher: before anything is written
+        check_cache_settings(Layout().teacher(dataset, fold), settings.cache.top_k, settings.cache.attention_layer,
+                             params_file(settings))
+
     _run("cache-teacher", {"dataset": dataset, "fold": fold}, params, call, device, "cache",
-         resumes=str(Layout().work(dataset, fold, "cache-teacher")))
+         resumes=str(Layout().work(dataset, fold, "cache-teacher")), check=check)
 
 
 def _student(params: Path, method: Optional[str], seed: Optional[int]) -> tuple[str, int]:
     """--method and --seed, or their defaults from params.yaml."""
-    settings = load_params(params)
+    settings = _load(params)
     return method or settings.distill.method, settings.seed if seed is None else seed
 
 
@@ -233,7 +268,7 @@ def evaluate(
 
 def _default_student(params: Path, dataset: Optional[str], fold: Optional[int], method: Optional[str],
                      seed: Optional[int]) -> tuple[Path, Path]:
-    settings = load_params(params)
+    settings = _load(params)
     dataset, fold = dataset or settings.datasets[0], fold or settings.folds[0]
     name = student_name(method or settings.distill.method, settings.seed if seed is None else seed)
     return Layout().student(dataset, fold, name), Layout().metrics(dataset, fold, name)
@@ -241,38 +276,49 @@ def _default_student(params: Path, dataset: Optional[str], fold: Optional[int], 
 
 @app.command()
 def predict(
-    audio: list[Path] = typer.Argument(..., help="Audio files (any format soundfile reads)."),
+    audio: list[Path] = typer.Argument(..., help="Audio files (any format soundfile reads), folders (every audio file "
+                                                 "under them, sorted) or quoted glob patterns ('clips/*.wav')."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder (default: the pipeline's student)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of one line per file."),
     params: Path = PARAMS,
     device: Device = DEVICE,
 ) -> None:
-    """Emotion and class probabilities per file, from the distilled student."""
-    import json
-
+    """Emotion and class probabilities per file, from the distilled student (a folder: every audio file in it)."""
     folder = model or _default_student(params, None, None, None, None)[0]
     if not (folder / "config.json").exists() and not (folder / "pldistill.json").exists():
         raise PldistillError(f"{folder}: no model here; run `dvc repro` (or `pldistill distill`) first, or pass --model")
-    from rich.table import Table
+    check_files(folder)
+    check_device(device or "auto", "--device")
+    made_by = json.loads((folder / "pldistill.json").read_text()) if (folder / "pldistill.json").exists() else {}
+    shortest = (made_by.get("params") or {}).get("preprocess", {}).get("min_seconds", MIN_SECONDS)
 
-    from .predict import predict_files
+    files = expand_inputs(audio)
+    early = [unusable_input(path) or audio_problem(path, shortest) for path in files]  # before the model loads
+    for path, problem in zip(files, early):
+        if problem:
+            console.print(f"[red]error:[/] {path}: {problem}", highlight=False, soft_wrap=True)
+    results = [{"path": str(path), "label": None, "probabilities": {}, "windows": 0, "error": problem}
+               for path, problem in zip(files, early)]
+    if not all(early):
+        from .models import ModelMeta
+        from .predict import describe_model, predict_files
 
-    results = predict_files(audio, folder, device or "auto")
-    for r in results:
-        if r.error:
-            console.print(f"[red]error:[/] {r.path}: {r.error}", highlight=False, soft_wrap=True)
+        console.print(f"model: {folder}: {describe_model(ModelMeta.read(folder))}", highlight=False, soft_wrap=True)
+
+        answers = iter(predict_files([path for path, problem in zip(files, early) if not problem], folder,
+                                     device or "auto"))
+        results = [r if r["error"] else vars(next(answers)) for r in results]
+        for r, problem in zip(results, early):
+            if r["error"] and not problem:
+                console.print(f"[red]error:[/] {r['path']}: {r['error']}", highlight=False, soft_wrap=True)
     if as_json:
-        print(json.dumps([r.__dict__ for r in results], indent=2))
-    else:
-        good = [r for r in results if not r.error]
-        if good:
-            table = Table("file", "emotion", "p", "next most likely", "windows")
-            for r in good:
-                ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
-                table.add_row(Path(r.path).name, r.label, f"{ranked[0][1]:.2f}",
-                              ", ".join(f"{l} {v:.2f}" for l, v in ranked[1:4]), str(r.windows))
-            console.print(table)
-    if any(r.error for r in results):
+        print(json.dumps(results, indent=2))
+    elif not all(early):  # some files were answered (predict is imported)
+        from .predict import Prediction, result_lines
+
+        for line in result_lines([Prediction(**r) for r in results if not r["error"]]):
+            print(line)
+    if any(r["error"] for r in results):
         raise typer.Exit(1)
 
 
@@ -287,13 +333,12 @@ def export(
     params: Path = PARAMS,
 ) -> None:
     """The student (LoRA merged, fp32) with its processor, labels and a Hub model card, for plain transformers."""
-    from .export import check_destination
-
     folder, metrics = _default_student(params, dataset, fold, method, seed)
     out = out or Path("export") / f"{folder.parent.parent.name}-{folder.parent.name}-{folder.name}"
-    check_destination(out)
+    check_export_destination(out)
     if not (folder / "pldistill.json").exists():
         raise PldistillError(f"{folder}: no student here; run `dvc repro` (or `pldistill distill`) first")
+    check_files(folder)
     from .export import export_student
 
     export_student(folder, out, metrics)
@@ -309,7 +354,17 @@ def report(params: Path = PARAMS) -> None:
 
         return write_report(settings, Layout())
 
-    console.print(f"report -> {_run('report', {}, params, call)}")
+    def check(settings: Params) -> None:  # every listed fold exists in every listed dataset
+        from .manifest import manifest_folds
+
+        for dataset in settings.datasets:
+            folds = manifest_folds(Layout().manifest(dataset))
+            absent = [k for k in settings.folds if k not in folds]
+            if absent:
+                raise PldistillError(f"{params_file(settings)}: `folds` lists {absent[0]}, but fold {absent[0]} does not "
+                                     f"exist; dataset `{dataset}` has folds {folds}: list only those")
+
+    console.print(f"report -> {_run('report', {}, params, call, check=check)}")
 
 
 def _usage_errors() -> tuple[type, ...]:
@@ -331,7 +386,10 @@ def main() -> None:
         console.print(f"[red]error:[/] {exc.format_message()}{where}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except PldistillError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        message = str(exc)  # stage code names the settings file `params.yaml`: say which file it was
+        if message.startswith("params.yaml: "):
+            message = _params_file + message.removeprefix("params.yaml")
+        console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         code = 130

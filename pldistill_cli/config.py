@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from .errors import PldistillError
-
 
 
 def _number(value: Any) -> Any:
@@ -27,7 +26,16 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _distinct(values: tuple) -> tuple:
+    """A list setting names each entry once (`folds: [1, 1]` would count fold 1 twice)."""
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise ValueError(f"lists {twice!r} twice; list each entry once")
+    return values
+
+
 _numeric = BeforeValidator(_number)
+Distinct = AfterValidator(_distinct)
 Int = Annotated[int, Field(strict=True)]
 Count = Annotated[int, Field(strict=True, ge=1)]  # epochs, batch sizes, workers, ...
 NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
@@ -179,7 +187,7 @@ class EvaluateParams:
     max_new_tokens: Count = 8  # generate: answer length limit
     attention_examples: NonNegativeInt = 4  # test clips whose teacher attention the report shows
     # shortcut references fitted on train and scored on test; egemaps needs the `egemaps` extra (openSMILE)
-    references: Annotated[tuple[Literal["duration", "prosody", "egemaps"], ...], Field(min_length=1)] = (
+    references: Annotated[tuple[Literal["duration", "prosody", "egemaps"], ...], Field(min_length=1), Distinct] = (
         "duration", "prosody")
 
 
@@ -196,10 +204,10 @@ class Params:
     launcher: Annotated[str, Field(min_length=1)] = "pldistill"
     # processes a stage expects (torchrun / accelerate launch); 0 = as many as were started
     world_size: NonNegativeInt = 0
-    datasets: Annotated[tuple[Slug, ...], Field(min_length=1)] = ("synthetic",)
-    folds: Annotated[tuple[Count, ...], Field(min_length=1)] = (1,)
-    methods: Annotated[tuple[MethodName, ...], Field(min_length=1)] = ("pl-distill",)
-    seeds: Annotated[tuple[NonNegativeInt, ...], Field(min_length=1)] = (42,)
+    datasets: Annotated[tuple[Slug, ...], Field(min_length=1), Distinct] = ("synthetic",)
+    folds: Annotated[tuple[Count, ...], Field(min_length=1), Distinct] = (1,)
+    methods: Annotated[tuple[MethodName, ...], Field(min_length=1), Distinct] = ("pl-distill",)
+    seeds: Annotated[tuple[NonNegativeInt, ...], Field(min_length=1), Distinct] = (42,)
     # every dataset's corpus; a corpus given as an empty key (`mine:`) takes the defaults
     corpora: Annotated[dict[Slug, CorpusParams], BeforeValidator(lambda v: {k: x or {} for k, x in v.items()}
                                                                   if isinstance(v, dict) else v)] = \
@@ -256,7 +264,7 @@ def describe(error: ValidationError, where: str) -> str:
     if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return f"{where}: unknown setting `{key}`; check its spelling (README lists every setting)"
     if first["type"] == "value_error":
-        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+        return f"{where}: {f'`{key}` ' if key else ''}{first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "string_pattern_mismatch":
         return f"{where}: `{key}` = {value!r} is not a safe name; use letters, digits, - and _ only"
     return f"{where}: `{key}` = {value!r}: {first['msg'][0].lower()}{first['msg'][1:]}"
@@ -265,25 +273,60 @@ def describe(error: ValidationError, where: str) -> str:
 _PARAMS = TypeAdapter(Params)
 
 
+def _duplicate_key(node: yaml.Node, path: tuple = ()) -> tuple[str, int, int] | None:
+    """The first key written twice in one mapping of a YAML node tree: its dotted path and both lines."""
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in lines:
+                    return ".".join((*path, key.value)), lines[key.value], key.start_mark.line + 1
+                lines[key.value] = key.start_mark.line + 1
+            children.append((value, (*path, str(getattr(key, "value", "?")))))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(item, path) for item in node.value]
+    for child, where in children:
+        found = _duplicate_key(child, where)
+        if found:
+            return found
+    return None
+
+
+def params_file(params: Any) -> str:
+    """The settings file `params` was read from (what every error about a setting names)."""
+    return getattr(params, "source", None) or "params.yaml"
+
+
 def load_params(path: Path = Path("params.yaml")) -> Params:
-    """Read and validate params.yaml; missing settings take the defaults above."""
+    """Read and validate params.yaml; missing settings take the defaults above. An empty or comment-only
+    file, a key written twice and a list naming an entry twice are errors, not defaults."""
     if not path.is_file():
         what = "is a folder, not a params file" if path.is_dir() else "params file not found"
         raise PldistillError(f"{path}: {what}; run from the project root or pass --params FILE")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        raw = yaml.safe_load(text)
+        twice = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise PldistillError(f"{path}: malformed YAML{line}; fix the file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PldistillError(f"{path}: unreadable ({exc.__class__.__name__}); pass a YAML text file") from None
+    if raw is None:
+        raise PldistillError(f"{path}: holds no settings (it is empty or only comments); write the settings into it "
+                             "(a file of defaults says `{}`), or restore it")
+    if twice:
+        raise PldistillError(f"{path}: `{twice[0]}` is set twice (lines {twice[1]} and {twice[2]}); keep one")
     if not isinstance(raw, dict):
         raise PldistillError(f"{path}: expected a mapping of settings at the top level")
     try:
-        return _PARAMS.validate_python(raw)
+        params = _PARAMS.validate_python(raw)
     except ValidationError as exc:
         raise PldistillError(describe(exc, str(path))) from None
+    object.__setattr__(params, "source", str(path))  # not a setting: where the settings came from
+    return params
 
 
 class UndeclaredParams(RuntimeError):

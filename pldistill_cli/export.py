@@ -14,29 +14,19 @@ from pathlib import Path
 
 import yaml
 
-from .errors import PldistillError
 from .files import write_text
+from .inputs import check_export_destination
 from .labels import CORPUS_LICENCES
-from .models import METADATA_FILE, ModelMeta, count_parameters, load_model, save_model
+from .models import ModelMeta, count_parameters, load_model, save_model
 from .prompt import END_OF_TURN, SYSTEM_PROMPT, user_prompt
 
 # Hub licence identifiers: the data's terms bind the weights trained on it.
 LICENCES = {"synthetic": "apache-2.0", "ravdess": "cc-by-nc-sa-4.0"}
 
 
-def check_destination(out: Path) -> None:
-    """The destination is absent, an empty folder, or an earlier export; anything else is refused."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    earlier = out.is_dir() and (out / METADATA_FILE).exists()
-    if not earlier or ModelMeta.read(out).stage != "export":
-        raise PldistillError(f"{out}: exists and is not an earlier pldistill export; export never replaces what it "
-                             "did not write: choose another --out, or empty that folder yourself")
-
-
 def export_student(model_dir: Path, out_dir: Path, metrics_file: Path | None = None) -> Path:
     """The student with any LoRA merged, in fp32, with its processor, label set and model card."""
-    check_destination(out_dir)
+    check_export_destination(out_dir)
     made_by = ModelMeta.read(model_dir)
     model, processor = load_model(model_dir)
     model = model.float()
@@ -52,27 +42,42 @@ def export_student(model_dir: Path, out_dir: Path, metrics_file: Path | None = N
 
 USAGE = '''import soundfile as sf
 import torch
+import torchaudio.functional as F
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-folder = "THIS_FOLDER"
+folder, path = "THIS_FOLDER", "clip.wav"
 model = Qwen2AudioForConditionalGeneration.from_pretrained(folder).eval()
 processor = AutoProcessor.from_pretrained(folder)
 labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-wave, rate = sf.read("clip.wav", dtype="float32")  # mono, at processor.feature_extractor.sampling_rate
+rate = processor.feature_extractor.sampling_rate  # 16 kHz
+wave, file_rate = sf.read(path, dtype="float32", always_2d=True)  # any rate, any channels
+wave = F.resample(torch.from_numpy(wave.mean(axis=1)), file_rate, rate)  # mono at the model's rate
+# The encoder hears `chunk_length` seconds at a time: a longer clip is scored window by window (a last
+# piece under 0.5 s is left out) and the windows' probabilities averaged, weighted by their length.
+size = processor.feature_extractor.chunk_length * rate
+windows = [wave[start : start + size] for start in range(0, len(wave), size)]
+windows = [w for w in windows if len(w) >= rate // 2] or windows[:1]
 question = QUESTION
 messages = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": [{"type": "audio", "audio": "clip.wav"}, {"type": "text", "text": question}]}]
+            {"role": "user", "content": [{"type": "audio", "audio": path}, {"type": "text", "text": question}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-scores = []  # log P(answer = label + end of turn | audio, prompt), as `pldistill predict` ranks them
-with torch.no_grad():
+
+
+def label_probabilities(window):
+    scores = []  # log P(answer = label + end of turn | audio, prompt), as `pldistill predict` ranks them
     for label in labels:
         answer = label + END
-        inputs = processor(text=prompt + answer, audio=[wave], sampling_rate=rate, return_tensors="pt")
+        inputs = processor(text=prompt + answer, audio=[window.numpy()], sampling_rate=rate, return_tensors="pt")
         logp = model(**inputs).logits[0].log_softmax(-1)
         ids = inputs["input_ids"][0]
         n = len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
         scores.append(sum(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]] for i in range(n)))
-probabilities = dict(zip(labels, torch.stack(scores).softmax(0).tolist()))
+    return torch.stack(scores).softmax(0)
+
+
+with torch.no_grad():
+    mean = sum(len(w) * label_probabilities(w) for w in windows) / sum(len(w) for w in windows)
+probabilities = dict(zip(labels, mean.tolist()))
 print(max(probabilities, key=probabilities.get), probabilities)
 '''
 
@@ -111,6 +116,16 @@ def _front_matter(meta: ModelMeta) -> dict:
     }
 
 
+def teacher_source(meta: ModelMeta) -> str:
+    """The student's teacher by where it came from (a checkpoint and its revision, or a preset that
+    pldistill trained), never by the folder it sat in on the machine that made it."""
+    base = (meta.teacher or {}).get("checkpoint")
+    data = f"{meta.dataset} fold {meta.fold}"
+    if base:
+        return f"`{base['source']}` at revision `{base['revision']}`, the teacher pldistill used on {data}"
+    return f"{meta.preset} preset, trained by pldistill on {data}"
+
+
 def model_card(meta: ModelMeta, parameters: int) -> str:
     m = meta.test_metrics
     scores = f"WA {m['wa']:.3f}, UA {m['ua']:.3f}, macro-F1 {m['macro_f1']:.3f}" if m else "not evaluated"
@@ -124,8 +139,8 @@ def model_card(meta: ModelMeta, parameters: int) -> str:
 
 - **Model**: `Qwen2AudioForConditionalGeneration`, {parameters:,} parameters (fp32, any LoRA merged); the
   labels are in `config.id2label`.
-- **Method**: {meta.method} (student seed {meta.seed}), distilled from the teacher `{teacher.get('path')}`
-  (weights {teacher.get('weights')}).
+- **Method**: {meta.method} (student seed {meta.seed}), distilled from the teacher below.
+- **Teacher**: {teacher_source(meta)} (weights {teacher.get('weights')}).
 - **Data**: {meta.dataset}, fold {meta.fold} (speaker-independent; checkpoint chosen on validation).
   Licence of the data: {CORPUS_LICENCES.get(meta.dataset, 'see the corpus terms')}
 - **Labels**: {', '.join(meta.labels)}
@@ -137,8 +152,9 @@ def model_card(meta: ModelMeta, parameters: int) -> str:
 ## Use with plain transformers
 
 The answer is one label word; each label is scored by the summed log-probability of its tokens and the
-end-of-turn token after the prompt (what `pldistill predict --model THIS_FOLDER clip.wav` does, with
-long clips split into encoder windows):
+end-of-turn token after the prompt, on mono 16 kHz audio in encoder windows, as
+`pldistill predict --model THIS_FOLDER clip.wav` does (it needs soundfile and torchaudio besides
+transformers):
 
 ```python
 {usage(meta.labels).strip()}

@@ -50,9 +50,20 @@ def fresh_folder(folder: Path) -> Path:
     return tmp
 
 
+def usual_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def replace_folder(tmp: Path, folder: Path) -> None:
     """Swap the finished `tmp` in for `folder` (the caller owns `folder`: it was written by this
-    program, or does not exist). The old version is moved aside first, then removed."""
+    program, or does not exist). The old version is moved aside first, then removed. Safetensors files
+    get the user's usual mode first: safetensors >= 0.8 writes them 0600 whatever the umask
+    (huggingface/safetensors#782)."""
+    for file in tmp.rglob("*.safetensors"):
+        file.chmod(usual_mode())
     old = folder.with_name(f".{folder.name}.pldistill-old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

@@ -357,6 +357,21 @@ def environment(device: torch.device | str) -> dict[str, str]:
             "machine": platform.machine()}
 
 
+LOAD_ONLY = ("local_files_only", "is_local")  # how a tokenizer was loaded (HF_HUB_OFFLINE, a local folder), not what it is
+
+
+def save_processor(processor: Qwen2AudioProcessor, folder: Path) -> None:
+    """save_pretrained without the options the tokenizer was loaded with: transformers writes them into
+    tokenizer_config.json, so the same model saved under another environment (HF_HUB_OFFLINE=1) would
+    give other bytes."""
+    kwargs = processor.tokenizer.init_kwargs
+    kept = {k: kwargs.pop(k) for k in LOAD_ONLY if k in kwargs}
+    try:
+        processor.save_pretrained(folder)
+    finally:
+        kwargs.update(kept)
+
+
 def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, meta: ModelMeta) -> None:
     """save_pretrained into a temporary folder, then swap it in. Tied output and input embeddings
     are written as two equal tensors: the container has no tied-weight declaration, so plain
@@ -371,7 +386,7 @@ def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: P
     finally:
         if tied:
             head.weight = embed.weight
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     meta = dataclasses.replace(meta, weights=weights_fingerprint(tmp))
     meta.write(tmp)
     replace_folder(tmp, folder)
@@ -385,7 +400,7 @@ def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoin
     tmp = fresh_folder(folder)
     if adapter is not None:
         adapter.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    save_processor(processor, tmp)
     weights = fingerprint([base.source, base.revision, weights_fingerprint(tmp)])
     pointer = {"source": base.source, "revision": base.revision, "path": str(base.path)}
     dataclasses.replace(meta, base=pointer, weights=weights).write(tmp)

@@ -10,12 +10,48 @@ import torch
 
 from .audio import BadAudio, read_audio
 from .forward import audio_features, encode_audio, score_labels
+from .inputs import unusable_input
 from .models import ModelMeta, load_model
 from .prompt import PromptLayout
 from .training import resolve_device
 
 MIN_WINDOW_S = 0.5  # a trailing piece shorter than this is not scored on its own
 MIN_SECONDS = 0.2  # the default of preprocess.min_seconds, for models that do not record it
+# What a model of each built-in corpus learnt from (another dataset name is a user's own corpus).
+TRAINED_ON = {
+    "synthetic": "the synthetic espeak-ng corpus: not real speech",
+    "ravdess": "RAVDESS: acted North American English, 24 actors",
+    "savee": "SAVEE: acted British English, 4 male speakers",
+    "iemocap": "IEMOCAP: acted English dialogues, 10 speakers",
+}
+
+
+def describe_model(made_by: ModelMeta) -> str:
+    """Which model answers, in words: its kind, method, seed, dataset, fold and what it learnt from."""
+    if made_by.stage == "train-teacher":
+        base = made_by.checkpoint
+        origin = f"{base['source']} at {base['revision']}" if base else f"{made_by.preset} preset"
+        kind = f"teacher ({made_by.mode}, {origin})"
+    else:
+        kind = f"{'exported ' if made_by.stage == 'export' else ''}student {made_by.method} seed {made_by.seed}"
+    data = f"{made_by.dataset} fold {made_by.fold}"
+    trained_on = TRAINED_ON.get(made_by.dataset, f"your corpus `{made_by.dataset}`")
+    if made_by.mode == "zero-shot":
+        return f"{kind} asked with the labels of {data}; not fine-tuned"
+    return f"{kind} of {data} (trained on {trained_on})"
+
+
+def result_lines(results: list["Prediction"]) -> list[str]:
+    """One plain line per answered file, its whole path first (never cut to the terminal's width): the
+    emotion and its probability, the next most likely ones, and how many encoder windows were averaged."""
+    width = max((len(r.path) for r in results), default=0)
+    lines = []
+    for r in results:
+        ranked = sorted(r.probabilities.items(), key=lambda kv: -kv[1])
+        others = ", ".join(f"{label} {p:.2f}" for label, p in ranked[1:4])
+        windows = f"{r.windows} window{'s' if r.windows != 1 else ''}"
+        lines.append(f"{r.path:<{width}}  {r.label} {ranked[0][1]:.2f}  (then {others}; {windows})")
+    return lines
 
 
 @dataclass
@@ -45,6 +81,8 @@ class Predictor:
     def predict(self, path: Path) -> Prediction:
         """Class probabilities of one file; audio longer than the encoder window is split into windows
         whose probabilities are averaged, weighted by their duration."""
+        if unusable_input(path):
+            return Prediction(str(path), error=unusable_input(path))
         try:
             wave = read_audio(path, self.rate)
         except BadAudio as exc:

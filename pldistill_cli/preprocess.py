@@ -33,6 +33,7 @@ import pandas as pd
 from .audio import BadAudio, normalize_loudness, read_audio, trim_silence, write_wav
 from .config import Params, PreprocessParams, fingerprint, preprocessing
 from .datasets import SourceItem, resolve
+from .datasets.corpora import UNKNOWN
 from .errors import PldistillError
 from .files import fresh_folder, replace_folder, write_json
 from .layout import Layout
@@ -124,6 +125,35 @@ def _dedupe(items: list[SourceItem], key, what: str, excluded: Counter) -> list[
     return kept
 
 
+def _check_labels(labels: set[str], where: object, after: str) -> None:
+    """Emotion recognition needs clips of at least 2 labels: fewer is an error, not a model at 100%."""
+    if len(labels) < 2:
+        found = f"only one label ({next(iter(labels))})" if labels else "no label"
+        raise PldistillError(f"{where}: {found}{after}; a classifier needs clips of at least 2 labels: add clips of "
+                             "the other labels")
+
+
+def split_warnings(manifest: pd.DataFrame, dataset: str) -> list[str]:
+    """What keeps the folds from being speaker-independent, each with its fix: clips without a known
+    speaker, every clip from one speaker, rows split without speaker information."""
+    fix = (f"name the speakers with --speaker-pattern REGEX (its first group is the speaker, searched in the file "
+           f"name; corpora.{dataset}.speaker_pattern under dvc repro) or a `speaker` column in the CSV")
+    out = []
+    unknown = int((manifest["speaker"] == UNKNOWN).sum())
+    known = sorted(set(manifest["speaker"]) - {UNKNOWN})
+    if unknown:
+        out.append(f"{unknown} of {len(manifest)} clips have no known speaker; {fix}")
+    elif len(known) == 1:
+        out.append(f"all {len(manifest)} clips have one speaker ({known[0]}): no split can keep a speaker out of "
+                   f"training; if they come from several speakers, {fix}")
+    mixed = int((~manifest["speaker_independent"]).sum())
+    if mixed:
+        out.append(f"the folds are not speaker-independent: {mixed} of {len(manifest)} clips were split without "
+                   "speaker information (by label), so one speaker's clips can sit on both sides of a split and the "
+                   f"scores can be optimistic; {fix} (at least 3 speakers, each in one fold)")
+    return out
+
+
 def _condition_all(todo: list[tuple[SourceItem, Path, str]], settings: PreprocessParams, index: dict,
                    index_file: Path, done: int, total: int, dataset: str) -> None:
     with ProcessPoolExecutor(max(1, settings.workers), initializer=_worker_init) as pool, progress(
@@ -153,6 +183,8 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
     unknown = sorted({i.label for i in items} - set(collected.labels))
     if unknown:
         raise PldistillError(f"{dataset}: labels {unknown} are outside the label set {list(collected.labels)}")
+    where = corpus.csv or corpus.root or dataset
+    _check_labels({i.label for i in items}, where, "")  # before any audio is conditioned
 
     settings = params.preprocess
     settings_fp = fingerprint(preprocessing(params))
@@ -190,6 +222,8 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
         raise PldistillError(f"{dataset}: every file was unusable ({len(quarantine)} quarantined, {len(missing)} "
                              f"missing); first: {(quarantine[0]['path'] + ': ' + quarantine[0]['reason']) if quarantine else missing[0]}")
     manifest = pd.DataFrame(rows)
+    _check_labels(set(manifest["label"]), where, f" after {len(quarantine)} unusable files were skipped")
+    warnings = split_warnings(manifest, dataset)
     counts = {label: int(n) for label, n in Counter(manifest["label"]).most_common()}
     excluded = {reason: n for reason, n in sorted(excluded.items())}
     summary = {
@@ -206,6 +240,7 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
         "quarantine": quarantine,
         "missing": missing,
         "preprocess": preprocessing(params),
+        **({"warnings": warnings} if warnings else {}),  # absent when there is nothing to warn of
     }
 
     # Build the new prepared folder aside, then swap it in: a failure above left the old one as it was.
@@ -231,4 +266,6 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
         console.print(f"left out: {n} x {reason}", highlight=False)
     if truncated:
         console.print(f"{truncated} clips longer than {settings.max_seconds:g} s were truncated to it")
+    for warning in warnings:
+        console.print(f"[yellow]warning[/] {dataset}: {warning}", highlight=False, soft_wrap=True)  # one whole line
     return PreprocessResult(layout.manifest(dataset), len(manifest), counts, quarantine, excluded, truncated)

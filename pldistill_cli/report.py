@@ -24,11 +24,13 @@ import soundfile as sf
 
 from .cache import TeacherCache, expected_meta
 from .config import Params
+from .datasets.corpora import UNKNOWN
 from .errors import PldistillError
 from .files import atomic_path, fresh_folder, replace_folder, write_text
 from .labels import PAPER_HEADLINES
 from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest
+from .methods import METHODS
 from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, paired_comparison
 from .models import ModelMeta
 from .prompt import PromptLayout
@@ -37,8 +39,12 @@ CURVES = ("loss", "ce", "cka", "mse", "kl", "validation_ua")  # the per-epoch te
 BASELINE = "ce"  # every other method is compared with this one, clip by clip
 ALPHA = 0.05
 UNIFORM = 0.95  # attention whose effective steps exceed this share of T is (nearly) uniform
-SATURATED = 0.99  # CKA at or above this from the start leaves 1 - CKA no room to teach
+SATURATED = 0.99  # CKA at or above this leaves 1 - CKA no room to teach
 FAINT = 0.05  # a term whose gradient is below this share of CE's barely moves the student
+CHANCE_MARGIN = 0.05  # a model whose UA is within this of chance (1 / classes) has learned nothing usable
+CONFUSION_COLUMNS = 3  # confusion matrices per row of the figure, at most
+PAGE_INCHES = 10.8  # the HTML page's width (1100 px) at the figures' 100 dpi, less a margin
+MIN_SPEAKERS = 3  # below this many test speakers a speaker-level interval or test is meaningless
 
 
 def _load(path: Path) -> dict:
@@ -115,8 +121,8 @@ def _summary_row(runs: Runs, labels, seed: int, teacher_params: int | None) -> l
     n_params = d[0].get("parameters")
     size = [f"{n_params:,}", f"{teacher_params / n_params:.1f}x"] if n_params and teacher_params else ["-", "-"]
     return [runs.name, *size, _mean_sd([x["wa"] for x in d]), _mean_sd([x["ua"] for x in d]),
-            _mean_sd([x["macro_f1"] for x in d]), f"{pooled['ua']:.3f} [{lo:.3f}, {hi:.3f}]", len(d),
-            pooled["unmatched"]]
+            _mean_sd([x["macro_f1"] for x in d]), f"{pooled['ua']:.3f} {interval(lo, hi, p['speaker'].nunique())}",
+            len(d), pooled["unmatched"]]
 
 
 def _paired(student: Runs, baseline: Runs, seed: int) -> dict:
@@ -135,23 +141,35 @@ def _verdict(result: dict) -> str:
 
 # pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
 def _confusions(predictions: dict[str, pd.DataFrame], labels, dataset: str, folds, out: Path) -> Path:
-    fig, axes = plt.subplots(1, len(predictions), figsize=(3.6 * len(predictions), 3.8), squeeze=False)
-    for ax, (title, pred) in zip(axes[0], predictions.items()):
+    return _save(confusion_figure(predictions, labels, dataset, folds), out, layout=False)
+
+
+def confusion_figure(predictions: dict[str, pd.DataFrame], labels, dataset: str, folds):
+    """One confusion matrix per model, at most three to a row, each large enough that its counts read
+    at the page's width (constrained layout keeps every axis label inside the figure)."""
+    n, size = len(predictions), max(3.0, 0.3 * len(labels) + 1.2)  # inches per panel: 0.3 in (30 px) a cell
+    cols = max(1, min(n, CONFUSION_COLUMNS, int(PAGE_INCHES // size)))  # never wider than the page: not scaled down
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.4), squeeze=False, layout="constrained")
+    for k, (ax, (title, pred)) in enumerate(zip(axes.flat, predictions.items())):
         cm = confusion(pred["label"], pred["prediction"], labels)
         rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
         for i in range(len(labels)):
             for j in range(len(labels)):
-                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=9,
                         color="white" if rates[i, j] > 0.5 else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
-        ax.set_yticks(range(len(labels)), labels, fontsize=7)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_title(title, fontsize=9)
-    axes[0][0].set_ylabel("true", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_yticks(range(len(labels)), labels, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=10)
+        if k % cols == 0:
+            ax.set_ylabel("true", fontsize=10)
+        ax.set_title(title, fontsize=11)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
     fig.suptitle(f"{dataset}: test-split confusion pooled over folds {list(folds)} (counts; colour = row recall)",
-                 fontsize=9)
-    return _save(fig, out)
+                 fontsize=11)
+    return fig
 
 
 def _recall_bars(recalls: dict[str, dict[str, float]], labels, dataset: str, out: Path) -> Path:
@@ -170,9 +188,13 @@ def _recall_bars(recalls: dict[str, dict[str, float]], labels, dataset: str, out
 
 def _curves(histories: dict[str, list[dict]], out: Path) -> Path:
     terms = [t for t in CURVES if any(t in r for h in histories.values() for r in h)]
-    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3.0), squeeze=False)
+    cols = min(len(terms), 3)  # 3.2 in each: never wider than the page
+    rows = -(-len(terms) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False)
     colours = {name: f"C{i}" for i, name in enumerate(histories)}  # one colour per run in every panel
-    for ax, term in zip(axes[0], terms):
+    for ax in list(axes.flat)[len(terms):]:
+        ax.set_visible(False)
+    for ax, term in zip(axes.flat, terms):
         for name, history in histories.items():
             points = [(r["epoch"], r[term]) for r in history if term in r]
             if points:
@@ -181,18 +203,28 @@ def _curves(histories: dict[str, list[dict]], out: Path) -> Path:
         ax.set_xlabel("epoch", fontsize=8)
     handles = [plt.Line2D([], [], color=c, label=n) for n, c in colours.items()]
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     return _save(fig, out, layout=False)
 
 
-def _latency(latencies: dict[str, tuple[float, float]], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(latencies)))
-    names = list(latencies)
-    enc = [latencies[n][0] for n in names]
-    llm = [latencies[n][1] for n in names]
+def _latency(timings: dict[str, tuple[list[float], list[float]]], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 0.8 + 0.45 * len(timings)))
+    names = list(timings)
+    enc = [float(np.median(timings[n][0])) for n in names]
+    llm = [float(np.median(timings[n][1])) for n in names]
+    totals = [np.add(*timings[n]) for n in names]
     ax.barh(names, enc, label="audio encoder")
     ax.barh(names, llm, left=enc, label="LLM (label scoring)")
-    ax.set_xlabel("ms per clip (evaluate stage, same machine)")
+    middle = np.add(enc, llm)
+    limit = 2.5 * middle.max()  # a busy machine's one slow repeat must not squash every bar
+    slowest = np.array([t.max() for t in totals])
+    ax.errorbar(middle, names, xerr=[middle - [t.min() for t in totals], np.minimum(slowest, limit) - middle],
+                fmt="none", ecolor="black", capsize=3, lw=1, label="fastest to slowest repeat")
+    for name, value in zip(names, slowest):
+        if value > limit:
+            ax.annotate(f"slowest {value:.3g} ms →", (limit, name), ha="right", va="bottom", fontsize=7)
+    ax.set_xlim(0, limit * 1.02)
+    ax.set_xlabel("ms per clip (evaluate stage, same machine; median of repeats)")
     ax.invert_yaxis()
     ax.legend(fontsize=7)
     return _save(fig, out)
@@ -201,9 +233,9 @@ def _latency(latencies: dict[str, tuple[float, float]], out: Path) -> Path:
 def _confidence_figure(stats: pd.DataFrame, out: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     for split, group in stats.groupby("split"):
-        axes[0].hist(group["confidence"], bins=20, range=(0, 1), alpha=0.6, label=split)
+        axes[0].hist(group["p_true"], bins=20, range=(0, 1), alpha=0.6, label=split)
         axes[1].hist(group["effective_steps"] / group["n_audio"], bins=20, range=(0, 1), alpha=0.6, label=split)
-    axes[0].set_title(f"teacher's p(true label) on cached clips (T = {stats['temperature'].iloc[0]:g})", fontsize=8)
+    axes[0].set_title("teacher's p(true label) among the labels (T = 1), cached clips", fontsize=8)
     axes[1].set_title("effective audio steps 1/sum(w^2), as a share of T", fontsize=8)
     axes[0].legend(fontsize=7)
     return _save(fig, out)
@@ -228,37 +260,88 @@ def _attention_figure(examples: list[dict], out: Path) -> Path:
 
 
 def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels: tuple[str, ...]) -> pd.DataFrame:
-    """Per cached clip: the teacher's (tempered) probability of the true answer's first token, and the
-    effective number of audio steps of its attention weights (read through the cache's reader)."""
+    """Per cached clip (read through the cache's reader): the teacher's answer as `answer_stats` reads it
+    from the cached log-probabilities, the effective number of audio steps of its attention weights, and
+    the clip's KL positions (every position before the last) and answer positions."""
     from transformers import AutoProcessor
 
     teacher = layout.teacher(dataset, fold)
     prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(teacher), labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher, prompt, params), prompt)
-    k = cache.meta.cache["top_k"]
+    k, temperature = cache.meta.cache["top_k"], cache.meta.cache["temperature"]
     rows = cache.table(["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"])
-    confidence = []
+    found = []
     for r in rows.itertuples():
-        start = len(r.input_ids) - len(prompt.answer_ids(r.label))  # the answer closes the sequence
-        ids = np.asarray(r.topk_ids).reshape(-1, k)[start - 1]
-        lps = np.asarray(r.topk_logprobs).reshape(-1, k)[start - 1]
-        hit = ids == r.input_ids[start]
-        confidence.append(float(np.exp(lps[hit][0])) if hit.any() else 0.0)
-    rows["confidence"] = confidence
-    rows["temperature"] = cache.meta.cache["temperature"]
+        answer = prompt.answer_ids(r.label)
+        at = len(r.input_ids) - len(answer) - 1  # the position that predicts the answer's first token
+        found.append({**answer_stats(np.asarray(r.topk_ids).reshape(-1, k)[at],
+                                     np.asarray(r.topk_logprobs).reshape(-1, k)[at], answer[0],
+                                     [a[0] for a in prompt.answers], temperature),
+                      "kl_positions": len(r.input_ids) - 1, "answer_positions": len(answer)})
+    rows = pd.concat([rows, pd.DataFrame(found, index=rows.index)], axis=1)
+    rows["temperature"] = temperature
     rows["fold"] = fold
     return rows
 
 
 # pragma: no mutate end
-def _last(history: list[dict], key: str) -> float:
-    values = [r[key] for r in history if key in r]
-    return values[-1] if values else float("nan")
+def answer_stats(ids: np.ndarray, logprobs: np.ndarray, true_first: int, label_firsts: list[int],
+                 temperature: float) -> dict[str, float]:
+    """The teacher's cached top-k (`ids`, log-probabilities at `temperature`) where it predicts the answer's
+    first token, read three ways:
+    - `p_true`: the probability of the true label among the labels at temperature 1. Log-probabilities
+      times T are the logits up to a per-position constant, which cancels when they are renormalised
+      among the labels' first tokens (labels sharing a first token count once);
+    - `soft_target`: the tempered probability of the true first token over the whole vocabulary (what
+      the KL's target gives it); 0 when it is outside the top-k;
+    - `off_labels`: the tempered mass on tokens that begin no label.
+    A label's first token outside the top-k gets the smallest cached log-probability, the most it can
+    have (so p_true, and the mass on labels, are then upper bounds for it)."""
+    cached = dict(zip(ids.tolist(), logprobs.tolist()))
+    firsts = sorted(set(label_firsts))
+    lp = np.array([cached.get(t, float(logprobs.min())) for t in firsts])
+    at_one = np.exp(temperature * (lp - lp.max()))
+    return {"p_true": float(at_one[firsts.index(true_first)] / at_one.sum()),
+            "soft_target": float(np.exp(cached[true_first])) if true_first in cached else 0.0,
+            "off_labels": max(0.0, 1.0 - float(np.exp(lp).sum()))}
 
 
-def _first(history: list[dict], key: str) -> float:
-    values = [r[key] for r in history if key in r]
-    return values[0] if values else float("nan")
+def held_out_p_true(predictions: pd.DataFrame, labels) -> float:
+    """Mean probability of the true label among the labels at temperature 1 on the test clips, from the
+    rank scores evaluate writes (`logp_<label>`: summed log-probabilities of each label's answer tokens);
+    nan when evaluate generated answers instead."""
+    columns = [f"logp_{label}" for label in labels]
+    if not set(columns) <= set(predictions.columns):
+        return float("nan")
+    scores = predictions[columns].to_numpy(dtype=float)
+    p = np.exp(scores - scores.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    truth = predictions["label"].map({label: j for j, label in enumerate(labels)}).to_numpy()
+    return float(np.mean(p[np.arange(len(p)), truth]))
+
+
+def trained_share(stats: pd.DataFrame, method: str, teacher_mode: str) -> float:
+    """The share of a method's KL positions where the teacher was trained: a full-mode teacher (a
+    preset trained by pldistill) learned the answer tokens only; a lora or zero-shot teacher is a
+    pretrained LM, trained at every position. nan for a method without a KL term."""
+    kind = METHODS[method].kl if method in METHODS else None
+    if kind is None:
+        return float("nan")
+    if kind == "answer" or teacher_mode != "full":
+        return 1.0
+    return float(stats["answer_positions"].sum() / stats["kl_positions"].sum())
+
+
+def _at(history: list[dict], epoch: int, key: str) -> float:
+    """The value of `key` recorded for `epoch` (nan where it was not recorded)."""
+    return next((float(r[key]) for r in history if r["epoch"] == epoch and key in r), float("nan"))
+
+
+def evaluated_epoch(history: list[dict], best_epoch: int | None) -> int:
+    """The epoch whose weights were kept and evaluated: the selected (best) one; the last one recorded
+    when there was no selection (no validation)."""
+    epochs = [r["epoch"] for r in history]
+    return best_epoch if best_epoch in epochs and best_epoch >= 1 else max(epochs, default=0)
 
 
 def _mean(values) -> float:
@@ -267,40 +350,157 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def diagnostics(histories: dict[str, list[list[dict]]], attention_share: float, confidence: float
-                ) -> tuple[list[list[object]], list[str]]:
-    """Per student method (means over its runs): the size of each term and of its gradient beside CE's,
-    before training and at the end, and CKA at initialisation and at the end; plus one plain sentence
-    for every mechanism that is inert."""
-    rows, notes = [], []
+def _fmt(x: float, spec: str = ".3f") -> str:
+    return "-" if np.isnan(x) else format(x, spec)
+
+
+def _inert_reasons(name: str, cka: dict[str, float], share: dict[str, float]) -> list[str]:
+    """Why a term is inert at the judged moments (after the first epoch, at the evaluated epoch): CKA
+    at or above SATURATED leaves 1 - CKA nothing to teach; a weighted gradient below FAINT of CE's
+    barely moves the student."""
+    reasons = [f"CKA is {value:.4f} {when} (at or above {SATURATED}: 1 - CKA leaves it nothing to teach)"
+               for when, value in cka.items() if value >= SATURATED]
+    reasons += [f"its gradient is {value:.1%} of CE's {when} (below {FAINT:.0%})"
+                for when, value in share.items() if value < FAINT]
+    return [f"{name} is inert: " + "; ".join(reasons) + "."] if reasons else []
+
+
+def diagnostics(runs: dict[str, list[tuple[list[dict], int | None]]], attention_share: float,
+                soft_target: float = float("nan")) -> tuple[list[list[object]], list[str], list[str]]:
+    """Per student method (means over its runs, each a (history, best epoch)): the size of each term and
+    of its weighted gradient beside CE's, before training, after the first epoch and at the evaluated
+    (selected) epoch; CKA at the same three moments. A term is judged after the first epoch and at the
+    evaluated epoch, never by its best moment: it is inert if either shows CKA >= SATURATED or a
+    gradient share below FAINT (a term that dies after epoch 1 is inert, whatever it did at the start).
+    Returns the table rows, one plain sentence for every inert mechanism, and the inert terms by name."""
+    rows, notes, inert = [], [], []
     if attention_share >= UNIFORM:
         notes.append(f"The teacher's attention over the audio is nearly uniform (its effective number of steps is "
                      f"{attention_share:.0%} of T on average): AW-CKA weights every step alike here, so it behaves as "
                      "plain CKA.")
-    for method, runs in histories.items():
-        mean = lambda f, key: _mean(f(h, key) for h in runs)  # noqa: E731
-        ratio = lambda f, key: _mean(f(h, f"grad_{key}") / max(f(h, "grad_ce"), 1e-12) for h in runs)  # noqa: E731
-        cka0, cka1 = mean(_first, "probe_cka"), mean(_last, "probe_cka")
-        p0, p1 = ratio(_first, "projector"), ratio(_last, "projector")
-        k0, k1 = ratio(_first, "kl"), ratio(_last, "kl")
-        kl = mean(_last, "kl")
-        fmt = lambda x, spec=".3f": "-" if np.isnan(x) else format(x, spec)  # noqa: E731
-        rows.append([method, fmt(mean(_last, "ce")), fmt(cka0, ".4f"), fmt(cka1, ".4f"), fmt(kl, ".4f"),
-                     f"{fmt(p0, '.2f')} → {fmt(p1, '.2f')}", f"{fmt(k0, '.2f')} → {fmt(k1, '.2f')}"])
-        if not np.isnan(cka0) and min(cka0, mean(lambda h, k: _first([r for r in h if r["epoch"] >= 1], k),
-                                                  "probe_cka")) >= SATURATED:
-            notes.append(f"{method}: CKA is {cka0:.4f} already at initialisation, so 1 - CKA is below "
-                         f"{1 - SATURATED:.2f} and the projector term is inert (its gradient is {p0:.1%} of CE's).")
-        elif not np.isnan(p1) and max(p0, p1) < FAINT:
-            notes.append(f"{method}: the projector term's gradient stays below {FAINT:.0%} of CE's; it barely "
-                         "moves the student.")
-        if not np.isnan(kl) and (kl < 0.01 or max(k0, k1) < FAINT):
-            notes.append(f"{method}: the KL term is near zero by the end ({kl:.4f}; gradient {k1:.1%} of CE's): on "
-                         "its own training clips the teacher's targets carry little beyond the label.")
-    if confidence >= 0.9:
-        notes.append(f"The teacher is confident on the clips it was cached on (p(true label) {confidence:.2f} on "
-                     "average): its soft targets are close to the one-hot label there.")
-    return rows, notes
+    for method, histories in runs.items():
+        chosen = [evaluated_epoch(h, best) for h, best in histories]
+        moments = {"before training": [0] * len(histories), "after the first epoch": [1] * len(histories),
+                   "at the evaluated epoch": chosen}
+
+        def value(key: str, when: str) -> float:
+            return _mean(_at(h, e, key) for (h, _), e in zip(histories, moments[when]))
+
+        def share(term: str, when: str) -> float:
+            return _mean(_at(h, e, f"grad_{term}") / max(_at(h, e, "grad_ce"), 1e-12)
+                         for (h, _), e in zip(histories, moments[when]))
+
+        judged = ("after the first epoch", "at the evaluated epoch")
+        cka = {w: value("probe_cka", w) for w in moments}
+        projector, kl_share = ({w: share(term, w) for w in moments} for term in ("projector", "kl"))
+        kl = value("kl", "at the evaluated epoch")
+        arrow = lambda d, spec=".2f": " → ".join(_fmt(v, spec) for v in d.values())  # noqa: E731
+        rows.append([method, ", ".join(map(str, sorted(set(chosen)))), _fmt(value("ce", "at the evaluated epoch")),
+                     arrow(cka, ".4f"), _fmt(kl, ".4f"), arrow(projector), arrow(kl_share)])
+        found = _inert_reasons(f"{method}: the projector term", {w: cka[w] for w in judged},
+                               {w: projector[w] for w in judged})  # nan (no such term) is never inert
+        if not np.isnan(kl) and kl < 0.01:
+            found_kl = [f"{method}: the KL term is inert: it is near zero at the evaluated epoch ({kl:.4f}; gradient "
+                        f"{kl_share['at the evaluated epoch']:.1%} of CE's): on its own training clips the teacher's "
+                        "targets carry little beyond the label."]
+        else:
+            found_kl = _inert_reasons(f"{method}: the KL term", {}, {w: kl_share[w] for w in judged})
+        notes += found + found_kl
+        inert += [f"{method}'s projector term"] * bool(found) + [f"{method}'s KL term"] * bool(found_kl)
+    if soft_target >= 0.9:
+        notes.append(f"The teacher is confident on the clips it was cached on (its soft target gives the true answer's "
+                     f"first token {soft_target:.2f} on average): its soft targets are close to the one-hot label there.")
+    return rows, notes, inert
+
+
+def repeated_timings(records: list[dict]) -> tuple[list[float], list[float]]:
+    """Every repeated timing of one model over its folds' latency records, as (encoder ms, LLM ms) per
+    repeat; a record without repeats (an older evaluate) counts as one timing."""
+    repeats = [r for record in records for r in record.get("repeats", [record])]
+    return [r["encoder_ms"] for r in repeats], [r["llm_ms"] for r in repeats]
+
+
+def split_facts(manifest: pd.DataFrame, folds: list[int]) -> tuple[dict[int, int], int, int]:
+    """From the manifest: the test speakers of each fold, the clips marked `speaker_independent: false`
+    (validation, or test, carved without speaker information) and the clips whose speaker is unknown."""
+    speakers = manifest.groupby("fold")["speaker"].nunique()
+    return ({f: int(speakers.get(f, 0)) for f in folds}, int((~manifest["speaker_independent"]).sum()),
+            int((manifest["speaker"] == UNKNOWN).sum()))
+
+
+def sanity_box(chance: float, models: dict[str, float], references: dict[str, float], test_speakers: dict[int, int],
+               not_independent: int, unknown_speakers: int, inert: list[str]) -> list[str]:
+    """The box that opens a dataset's section: one sentence for each reason its numbers could mislead
+    (models at chance, a shortcut reference beating every model, fewer than MIN_SPEAKERS test speakers,
+    folds that are not speaker-independent, an inert distillation term), or one line saying none applies.
+    `models` and `references` map names to mean UA; `not_independent` and `unknown_speakers` count clips."""
+    warnings = []
+    at_chance = [n for n, ua in models.items() if ua <= chance + CHANCE_MARGIN]
+    if at_chance:
+        warnings.append(f"**At chance**: {', '.join(f'{n} (UA {models[n]:.3f})' for n in at_chance)} "
+                        f"{'is' if len(at_chance) == 1 else 'are'} within {CHANCE_MARGIN:.2f} of chance "
+                        f"({chance:.3f}): {'it has' if len(at_chance) == 1 else 'they have'} learned nothing usable, "
+                        "so no comparison involving them means anything.")
+    if references and models:
+        shortcut, best = max(references, key=references.get), max(models, key=models.get)
+        if references[shortcut] >= models[best]:
+            warnings.append(f"**A shortcut wins**: the {shortcut} reference (UA {references[shortcut]:.3f}) scores at "
+                            f"least as well as every model (best: {best}, {models[best]:.3f}): the models have learned "
+                            f"no more than the {shortcut} reference's shortcut.")
+    few = {f: n for f, n in test_speakers.items() if n < MIN_SPEAKERS}
+    if few:
+        warnings.append(f"**Too few test speakers**: fold{'s' if len(few) > 1 else ''} "
+                        + ", ".join(f"{f} ({n})" for f, n in few.items())
+                        + f" test{'s' if len(few) == 1 else ''} fewer than {MIN_SPEAKERS} speakers: speaker-level "
+                        "intervals and tests from so few speakers are meaningless (the cells say so instead of "
+                        "giving one), and a difference between models may be one speaker's.")
+    if not_independent or unknown_speakers:
+        why = (f"{unknown_speakers} clips have no known speaker" if unknown_speakers else
+               f"the manifest marks {not_independent} clips `speaker_independent: false`")
+        warnings.append(f"**Folds not speaker-independent**: {why}, so a speaker's clips can be on both sides of a "
+                        "split and these scores can be optimistic. Give preprocess the speakers "
+                        "(`--speaker-pattern REGEX`, or a `speaker` column in the CSV).")
+    if inert:
+        warnings.append(f"**Inert distillation term{'s' if len(inert) > 1 else ''}**: {', '.join(inert)} "
+                        "(see *Are the distillation terms alive?*): these students were not distilled the way their "
+                        "method's name says.")
+    if not warnings:
+        return ["> **Sanity checks**: every model is above chance and above every shortcut reference; every fold "
+                f"tests at least {MIN_SPEAKERS} speakers; the folds are speaker-independent; no distillation term is "
+                "inert.", ""]
+    return ["> **Read this first**", ">", *(f"> - {w}" for w in warnings), ""]
+
+
+def interval(lo: float, hi: float, speakers: int, spec: str = ".3f") -> str:
+    """A speaker-bootstrap interval cell, or why there is none (fewer than MIN_SPEAKERS speakers)."""
+    if speakers < MIN_SPEAKERS:
+        return f"n/a ({speakers} speaker{'s' if speakers != 1 else ''})"
+    return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+def latency_notes(latencies: dict[str, list[float]]) -> list[str]:
+    """Whether the latency chart can be read: per model, the total ms per clip of each repeated
+    measurement. Noisy when two models' medians differ by less than the larger of their spreads
+    (max - min over repeats), or a model's spread exceeds half its median; one measurement has no
+    known noise."""
+    if any(len(v) < 2 for v in latencies.values()):
+        return ["Each model was timed once: the noise of these times is unknown, so read them as orders of magnitude."]
+    median = {n: float(np.median(v)) for n, v in latencies.items()}
+    spread = {n: float(np.max(v) - np.min(v)) for n, v in latencies.items()}
+    names = list(latencies)
+    tied = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if abs(median[a] - median[b]) <= max(spread[a], spread[b])]
+    wide = [n for n in names if spread[n] > 0.5 * median[n]]
+    notes = []
+    if tied:
+        notes.append("Latency is noisy: the repeats spread as wide as the difference between "
+                     + ", ".join(f"{a} and {b}" for a, b in tied)
+                     + f" ({', '.join(f'{n} {median[n]:.2f} ms, spread {spread[n]:.2f}' for n in names)}): "
+                       "the chart does not order them.")
+    if wide:
+        notes.append(f"The repeated timings of {', '.join(wide)} vary by more than half their median: the machine "
+                     "was busy; re-run evaluate on an idle machine to compare speeds.")
+    return notes
 
 
 # pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
@@ -325,16 +525,16 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
     pictures.mkdir(parents=True, exist_ok=True)
     folds = list(params.folds)
     md = ["# pldistill report", "",
-          "Test-split scores (speaker-independent folds; checkpoints chosen on validation). WA = accuracy "
+          "Test-split scores (checkpoints chosen on validation). WA = accuracy "
           "(= micro-F1 for single-label data), UA = mean per-class recall, macro-F1 over the classes present. "
           "Per-model figures are the mean ± sample standard deviation over folds and seeds; pooled UA concatenates "
           "every run's test predictions, with a 95% interval from a speaker-level (cluster) bootstrap: clips of one "
-          "speaker are not independent.", ""]
-    figures: list[tuple[str, Path]] = []
+          f"speaker are not independent (with fewer than {MIN_SPEAKERS} speakers there is no interval).", ""]
+    figures: list[tuple[str, Path, list[str]]] = []
     curves_rows, versions = [], set()
     for dataset in params.datasets:
         labels = manifest_labels(layout.manifest(dataset))
-        test_speakers = read_manifest(layout.manifest(dataset)).groupby("fold")["speaker"].nunique()
+        speakers, not_independent, unknown = split_facts(read_manifest(layout.manifest(dataset)), folds)
         models = {"teacher": _collect(layout, dataset, "teacher", [(f, None, "teacher") for f in folds])}
         for method in params.methods:
             models[method] = _collect(layout, dataset, method,
@@ -342,11 +542,17 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
         references = _references(layout, dataset, folds)
         versions |= {json.dumps(d.get("versions", {}), sort_keys=True) for m in models.values() for d in m.details}
         teacher_params = models["teacher"].details[0]["parameters"]
+        stats = pd.concat([_cache_stats(params, layout, dataset, f, labels) for f in folds], ignore_index=True)
+        diagnosed, inert = _diagnostics_section(params, layout, dataset, models, stats, labels)
 
         md += [f"## {dataset}", "",
                f"Folds {folds}; {len(labels)} classes (chance UA {1 / len(labels):.3f}); test speakers per fold: "
-               + ", ".join(f"{f}: {int(test_speakers.get(f, 0))}" for f in folds)
-               + f"; seeds {list(params.seeds)} per student method.", ""]
+               + ", ".join(f"{f}: {n}" for f, n in speakers.items())
+               + f"; seeds {list(params.seeds)} per student method; folds "
+               + ("**not** speaker-independent." if not_independent or unknown else "speaker-independent."), ""]
+        md += sanity_box(1 / len(labels), {n: _mean([d["ua"] for d in m.details]) for n, m in models.items()},
+                         {n.removeprefix("reference: "): _mean([d["ua"] for d in r.details])
+                          for n, r in references.items()}, speakers, not_independent, unknown, inert)
         rows = [_summary_row(m, labels, params.seed, teacher_params) for m in models.values()]
         rows += [[r.name, "-", "-", *_summary_row(r, labels, params.seed, None)[3:]] for r in references.values()]
         md += table(rows, ["model", "parameters", "compression", "WA", "UA", "macro-F1", "pooled UA [95% CI]", "runs",
@@ -367,24 +573,21 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
                 ua[fold].append(d["ua"])
             per_fold.append([m.name, *(_mean_sd(ua[f]) for f in folds)])
         md += table(per_fold, ["model", *(f"fold {f}" for f in folds)]) + [""]
-
-        stats = pd.concat([_cache_stats(params, layout, dataset, f, labels) for f in folds], ignore_index=True)
-        md += _comparisons(models, params) + _diagnostics_section(params, layout, dataset, models, stats)
+        md += _comparisons(models, params) + diagnosed
 
         names = {"teacher": "teacher", **{m: student_name(m, params.seeds[0]) for m in params.methods}}
         recalls = {n: classification_metrics(m.predictions["label"], m.predictions["prediction"], labels)["recall"]
                    for n, m in models.items()}
-        latencies = {}
-        for n in models:
-            timing = [_load(layout.latency(dataset, f, names[n])) for f in folds]
-            latencies[n] = (np.mean([t["encoder_ms"] for t in timing]), np.mean([t["llm_ms"] for t in timing]))
+        timings = {n: repeated_timings([_load(layout.latency(dataset, f, names[n])) for f in folds]) for n in models}
         frames = {**{n: m.predictions for n, m in models.items()}, "prosody reference": references["prosody"].predictions}
         figures.append((f"{dataset}: confusion matrices (pooled over folds and seeds)",
-                        _confusions(frames, labels, dataset, folds, pictures / f"{dataset}-confusion.png")))
+                        _confusions(frames, labels, dataset, folds, pictures / f"{dataset}-confusion.png"), []))
         figures.append((f"{dataset}: per-class recall", _recall_bars(recalls, labels, dataset,
-                                                                     pictures / f"{dataset}-recall.png")))
-        figures.append((f"{dataset}: inference latency (encoder vs LLM; measured, not reproducible)",
-                        _latency(latencies, pictures / f"{dataset}-latency.png")))
+                                                                     pictures / f"{dataset}-recall.png"), []))
+        figures.append((f"{dataset}: inference latency (encoder vs LLM; median of repeated timings, error bars from "
+                        "the fastest to the slowest; measured, not reproducible)",
+                        _latency(timings, pictures / f"{dataset}-latency.png"),
+                        latency_notes({n: [e + l for e, l in zip(*t)] for n, t in timings.items()})))
         fold = folds[0]
         histories = {"teacher": list(ModelMeta.read(layout.teacher(dataset, fold)).history)}
         for method in params.methods:
@@ -392,16 +595,16 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
         for name, history in histories.items():
             curves_rows += [{"run": f"{dataset}/fold{fold}/{name}", **r} for r in history]
         figures.append((f"{dataset} fold {fold}: training curves of each loss term (per-epoch means) and validation UA",
-                        _curves(histories, pictures / f"{dataset}-curves.png")))
+                        _curves(histories, pictures / f"{dataset}-curves.png"), []))
         figures.append((f"{dataset}: the teacher's confidence and attention spread on the clips it was cached on",
-                        _confidence_figure(stats, pictures / f"{dataset}-teacher-cache.png")))
+                        _confidence_figure(stats, pictures / f"{dataset}-teacher-cache.png"), []))
         examples = _load(layout.attention_examples(dataset, fold))["examples"]
         if examples:
             figures.append((f"{dataset} fold {fold}: teacher attention over time on test clips",
-                            _attention_figure(examples, pictures / f"{dataset}-attention.png")))
+                            _attention_figure(examples, pictures / f"{dataset}-attention.png"), []))
     md += ["## Pictures", ""]
-    for caption, path in figures:
-        md += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", ""]
+    for caption, path, notes in figures:
+        md += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", "", *(f"{n}\n" for n in notes)]
     md += ["## What made these numbers", "",
            "Runs are seeded and deterministic on one machine: the same versions on the same hardware reproduce "
            "every number bit for bit. Other CPU kernels, GPUs or library versions change the floats, so there the "
@@ -428,7 +631,7 @@ def _comparisons(models: dict[str, Runs], params: Params) -> list[str]:
             continue
         r = _paired(runs, models[BASELINE], params.seed)
         verdict = _verdict(r)
-        rows.append([name, f"{r['diff']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]", f"{r['p']:.3f}",
+        rows.append([name, f"{r['diff']:+.3f}", interval(*r["ci95"], r["clusters"], "+.3f"), f"{r['p']:.3f}",
                      r["n"], r["clusters"], verdict])
         if verdict != "not significant":
             significant.append(f"{name} ({verdict.split('(')[1].rstrip(')')})")
@@ -442,19 +645,42 @@ def _comparisons(models: dict[str, Runs], params: Params) -> list[str]:
 
 
 def _diagnostics_section(params: Params, layout: Layout, dataset: str, models: dict[str, Runs],
-                         stats: pd.DataFrame) -> list[str]:
+                         stats: pd.DataFrame, labels) -> tuple[list[str], list[str]]:
+    """The section's Markdown, and the inert terms by name (for the sanity box)."""
     share = float((stats["effective_steps"] / stats["n_audio"]).mean())
-    confidence = float(stats["confidence"].mean())
-    histories = {m: [list(ModelMeta.read(layout.student(dataset, f, out)).history) for f, _, out in runs.runs]
-                 for m, runs in models.items() if m != "teacher"}
-    rows, notes = diagnostics(histories, share, confidence)
+    runs = {}
+    for m, found in models.items():
+        if m != "teacher":
+            metas = [ModelMeta.read(layout.student(dataset, f, out)) for f, _, out in found.runs]
+            runs[m] = [(list(meta.history), meta.best_epoch) for meta in metas]
+    soft = float(stats["soft_target"].mean())
+    rows, notes, inert = diagnostics(runs, share, soft)
+    temperature = stats["temperature"].iloc[0]
+    mode = ModelMeta.read(layout.teacher(dataset, models["teacher"].runs[0][0])).mode or "full"
+    trained = {m: trained_share(stats, m, mode) for m in runs}
+    trained = {m: v for m, v in trained.items() if not np.isnan(v)}
     md = ["### Are the distillation terms alive?", "",
-          f"Teacher, on the clips it was cached on (all folds): attention spread over {share:.0%} of the audio steps "
-          f"on average (effective steps 1/sum(w^2) as a share of T; 100% = uniform), p(true label) {confidence:.2f} "
-          f"(at temperature {stats['temperature'].iloc[0]:g}). Per student method, on a fixed training batch: the "
-          "last epoch's CE, CKA before training and at the end, the last epoch's KL, and each term's gradient norm "
-          "as a share of CE's (before → end).", ""]
-    md += table(rows, ["method", "CE (end)", "CKA (init)", "CKA (end)", "KL (end)", "projector grad / CE grad",
+          f"Teacher (all folds): attention spread over {share:.0%} of the audio steps on the clips it was cached on "
+          "(effective steps 1/sum(w^2) as a share of T; 100% = uniform). Its probability of the true label among the "
+          f"labels at temperature 1: {_fmt(held_out_p_true(models['teacher'].predictions, labels), '.2f')} on its "
+          "held-out test clips (from evaluate's label scores), "
+          f"{stats['p_true'].mean():.2f} on the clips it was cached on (the answer's first token: cached "
+          "log-probabilities times T, renormalised among the labels' first tokens). At the cache's temperature "
+          f"T = {temperature:g}, that token's distribution (the KL's soft target) gives the true one "
+          f"{soft:.2f} and tokens that begin no label {stats['off_labels'].mean():.2f}.", ""]
+    if trained:
+        md += ["KL positions where the teacher was trained: "
+               + ", ".join(f"{m} {v:.0%}" for m, v in trained.items())
+               + (" (the teacher was trained by pldistill on the answer tokens only: at the other positions its "
+                  "targets are outputs it never learned)." if mode == "full" else
+                  f" (a {mode} teacher is a pretrained LM: every position carries its pretraining)."), ""]
+    md += ["Per student method, on a fixed training batch: the evaluated (selected) epoch, CE there, CKA and each "
+           "term's weighted gradient norm as a share of CE's before training → after the first epoch → at the "
+           f"evaluated epoch, and the KL there. A term is judged after the first epoch and at the evaluated epoch: "
+           f"CKA at or above {SATURATED} or a gradient below {FAINT:.0%} of CE's at either is inert"
+           + (" (with refit, the evaluated model is retrained for the selected number of epochs; the numbers are "
+              "the validated run's at that epoch)." if params.distill.refit else "."), ""]
+    md += table(rows, ["method", "evaluated epoch", "CE", "CKA", "KL", "projector grad / CE grad",
                        "KL grad / CE grad"])
     md += ["", *(f"- {n}" for n in notes or ["Every term present moves the student: none is inert by these measures."]),
            ""]
@@ -463,7 +689,7 @@ def _diagnostics_section(params: Params, layout: Layout, dataset: str, models: d
            + (" ; `refit` then retrains on train + validation for the chosen number of epochs." if params.distill.refit
               else "; `distill.refit` and `train_teacher.refit` retrain on train + validation for the chosen number "
                    "of epochs instead.") + "", ""]
-    return md
+    return md, inert
 
 
 def render_html(markdown: str, folder: Path) -> str:
@@ -479,6 +705,7 @@ def render_html(markdown: str, folder: Path) -> str:
 
     body = re.sub(r'src="([^"]+\.png)"', inline, body)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "blockquote{border-left:4px solid #c60;background:#fff6ec;margin:1em 0;padding:4px 12px}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}"
              "td:not(:first-child){text-align:right}img{max-width:100%;display:block;margin:8px 0}"
              "pre{background:#f5f5f5;padding:8px;font-size:12px;white-space:pre-wrap}")

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .errors import PldistillError
 from .files import atomic_path, write_json
-from .ui import progress
+from .ui import console, progress
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,7 +166,7 @@ def train_with_validation(
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, updates)
     result, start, best_state = LoopResult(float("-inf"), -1), 0, None
     state_file, progress_file = work_dir / "state.pt", work_dir / "state.json"
-    resumed = _resume(state_file, progress_file, fingerprint)
+    resumed = _resume(state_file, progress_file, fingerprint, accelerator.is_main_process)
     if resumed is not None:
         state, done = resumed
         model.load_state_dict(state["model"], strict=False)
@@ -212,7 +212,8 @@ def train_with_validation(
             result.history.append(record)
             if score > result.best_score:
                 result.best_score, result.best_epoch, best_state = score, epoch + 1, _trainable_state(model)
-            bar.update(info=f"epoch {epoch + 1} {score_name} {score:.3f} (best {result.best_score:.3f})")
+            losses = " ".join(f"{k} {v / max(n, 1):.3f}" for k, v in totals.items())
+            bar.report(f"epoch {epoch + 1} {losses} {score_name} {score:.3f} (best {result.best_score:.3f})")
             if not accelerator.is_main_process:
                 continue
             # tensors in state.pt (loaded with weights_only=True: a planted file cannot run code), the
@@ -250,19 +251,31 @@ _STATE = {"epoch", "model", "optimizer", "schedule", "rng", "best"}  # what stat
 _PROGRESS = {"fingerprint", "epoch", "best_score", "best_epoch", "history"}  # what state.json holds
 
 
-def _resume(state_file: Path, progress_file: Path, fingerprint: str) -> tuple[dict, dict] | None:
-    """The saved state of an interrupted run with the same fingerprint, or None to start afresh."""
+def _resume(state_file: Path, progress_file: Path, fingerprint: str, announce: bool = True) -> tuple[dict, dict] | None:
+    """The saved state of an interrupted run with the same fingerprint, or None to start afresh; with
+    `announce`, one line says which: resuming from an epoch, or a state discarded (unreadable, refused or
+    made with other settings). The work folder is only a resume cache: nothing in it is ever executed."""
     if not (state_file.exists() and progress_file.exists()):
         return None
+    say = (lambda line: console.print(line, highlight=False, soft_wrap=True)) if announce else (lambda line: None)
+    state = done = None
     try:
         done = json.loads(progress_file.read_text())
-        if not isinstance(done, dict) or done.get("fingerprint") != fingerprint or not _PROGRESS <= done.keys():
+        if isinstance(done, dict) and _PROGRESS <= done.keys() and done["fingerprint"] != fingerprint:
+            say(f"[yellow]warning:[/] discarded a state in {state_file.parent} made with other settings; starting afresh")
             return None
-        state = torch.load(state_file, weights_only=True)
-    except (json.JSONDecodeError, RuntimeError, OSError, EOFError, pickle.UnpicklingError):
-        return None  # unreadable or not ours: start afresh (the work folder is only a resume cache)
-    ours = isinstance(state, dict) and _STATE <= state.keys() and state["epoch"] == done["epoch"]
-    return (state, done) if ours else None
+        with warnings.catch_warnings():  # a planted pickle makes torch warn before it refuses it
+            warnings.simplefilter("ignore")
+            state = torch.load(state_file, weights_only=True)
+    except Exception:  # unreadable, truncated or refused by weights_only: torch raises many kinds
+        pass
+    ours = isinstance(done, dict) and _PROGRESS <= done.keys() and isinstance(state, dict) and \
+        _STATE <= state.keys() and state["epoch"] == done["epoch"]
+    if not ours:
+        say(f"[yellow]warning:[/] discarded an unreadable state in {state_file.parent}; starting afresh")
+        return None
+    say(f"resuming from epoch {done['epoch'] + 1} (saved in {state_file.parent})")
+    return state, done
 
 
 def finish_work(work_dir: Path) -> None:

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The GPU check, run from the repo root on the device machine (no network):
 #   bash scripts/gpu_check.sh            (device tool: carry [".whl"], made by scripts/fetch_gpu_wheels.sh)
-# a. installs the carried wheels; b. runs the tiny pipeline on CUDA, stage by stage, in a scratch
-# folder; c. times the paper-sized student's training step (scripts/gpu_student_step.py).
-# About 2-4 minutes on an H100; the pipeline has a 200 s budget and the student step 120 s, so the
-# whole stays under 6 minutes even when something hangs.
+# a. installs the carried wheels; b. runs the default pipeline on CUDA, stage by stage, in a scratch
+# folder, from the committed pretrained encoder (as a fresh clone's `dvc repro` does), and pretrain-encoder
+# itself briefly in another; c. times the paper-sized student's training step with and without
+# checkpointing (scripts/gpu_student_step.py: step time, peak memory, the GPU sizes it fits); d. the
+# paper-size ratio table (scripts/benchmark.py --preset paper: online / cached, KD overhead, cache / bare
+# ... at batch 8 and 30 s, the teacher in bf16). One command prints every GPU figure.
+# Budgets: pipeline 200 s, student step 120 s, ratio table 200 s, so the whole stays under 9 minutes (the
+# device tool's 10-minute call) even when something hangs.
 # Everything printed also goes to $OUT/gpu_check.log when $OUT is set.
-#   GPU_CHECK_DRY_RUN=1   CPU rehearsal: no wheel install (use the active venv), 1-epoch stages,
-#                         the student step with --tiny-check.
+#   GPU_CHECK_DRY_RUN=1   CPU rehearsal (CI runs it): no wheel install (use the active venv), 1-epoch stages,
+#                         the student step with --tiny-check, the ratio table on the small preset (quick).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 REPO=$PWD
@@ -51,6 +55,14 @@ for section in ("train_teacher", "cache", "distill", "evaluate"):
     p[section]["device"] = "auto"  # CUDA with bf16 autocast when present
 yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
 EOF
+mkdir -p "$WORK/data" "$WORK/pretrain"
+cp -r "$REPO/data/encoder" "$WORK/data/encoder"  # committed, as in a fresh clone: train-teacher starts from it
+python3 - "$WORK/params.yaml" "$WORK/pretrain/params.yaml" "$DRY" <<'EOF'
+import sys, yaml
+p = yaml.safe_load(open(sys.argv[1]))
+p["pretrain_encoder"].update(clips=24 if sys.argv[3] == "1" else 200, epochs=1)  # the stage on CUDA, briefly
+yaml.safe_dump(p, open(sys.argv[2], "w"), sort_keys=False)
+EOF
 cd "$WORK"
 PLD=(python3 -m pldistill_cli.cli)
 ARGS=(--dataset synthetic --fold 1 --params "$WORK/params.yaml")
@@ -69,6 +81,8 @@ stage() {  # stage NAME LIMIT_S CMD...: time one stage; after a failure the late
   [ $rc -eq 0 ] || FAILED+=("$name")
 }
 T0=$(date +%s)
+cd "$WORK/pretrain" && stage pretrain-encoder 60 "${PLD[@]}" pretrain-encoder --params "$WORK/pretrain/params.yaml"
+cd "$WORK"
 stage preprocess 90 "${PLD[@]}" preprocess --dataset synthetic --params "$WORK/params.yaml"
 stage train-teacher 90 "${PLD[@]}" train-teacher "${ARGS[@]}"
 stage cache-teacher 60 "${PLD[@]}" cache-teacher "${ARGS[@]}"
@@ -87,6 +101,12 @@ STEP=(python3 scripts/gpu_student_step.py --batch-size 8)
 [ "$DRY" = 1 ] && STEP=(python3 scripts/gpu_student_step.py --tiny-check)
 echo "== student step: ${STEP[*]}"
 timeout 120 "${STEP[@]}" || FAILED+=("student-step")
+
+# --- d. the paper-size ratio table ---------------------------------------------------------------------
+RATIOS=(python3 scripts/benchmark.py --print --preset paper --teacher-dtype bf16 --lengths 30 --batch 8)
+[ "$DRY" = 1 ] && RATIOS=(python3 scripts/benchmark.py --print --preset small --lengths 3 --batch 2 --quick)
+echo "== ratio table: ${RATIOS[*]}"
+timeout 200 "${RATIOS[@]}" || FAILED+=("ratio-table")
 
 if [ ${#FAILED[@]} -gt 0 ]; then echo "GPU CHECK FAILED: ${FAILED[*]}"; exit 1; fi
 echo "GPU CHECK OK"

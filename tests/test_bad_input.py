@@ -51,9 +51,10 @@ def run(tmp_path_factory):
     return root
 
 
-def snapshot(root: Path) -> dict[str, str]:
+def snapshot(root: Path, outputs: tuple[str, ...] = OUTPUTS) -> dict[str, str]:
+    """The hash of every file under the outputs (folders or files, relative to root)."""
     files = {}
-    for name in OUTPUTS:
+    for name in outputs:
         path = root / name
         for f in ([path] if path.is_file() else sorted(path.rglob("*")) if path.exists() else []):
             if f.is_file():
@@ -201,6 +202,9 @@ def test_a_planted_resume_state_is_never_executed(run):
     result = cli(run, "distill", "--method", "ce", "--seed", "11")
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (run / "planted-code-ran").exists()
+    said = [l for l in result.stderr.splitlines() if "discarded" in l or "Warning" in l]
+    assert said == ["warning: discarded an unreadable state in data/work/synthetic/fold1/student-ce-s11; starting "
+                    "afresh"], said
 
 
 def test_a_second_run_of_a_stage_stops_instead_of_racing(run):
@@ -283,11 +287,16 @@ def write_csv(audio: Path, rows: list[str]) -> None:
 
 def test_a_clip_listed_twice_is_kept_once_or_refused_when_labels_differ(csv_corpus):
     root, audio, rows = csv_corpus
-    write_csv(audio, rows + [f"{audio}/s0_happy.wav,happy,spk0", "../audio/s1_sad.wav,sad,spk1"])
+    # the same file by another path, twice, and a row repeated exactly
+    write_csv(audio, rows + [f"{audio}/s0_happy.wav,happy,spk0", "../audio/s1_sad.wav,sad,spk1", rows[4]])
     assert cli(root, "preprocess", "--dataset", "mine").returncode == 0
     summary = json.loads((root / "data/prepared/mine/summary.json").read_text())
-    assert summary["utterances"] == 18 and summary["left_out"] == {"duplicate (file)": 2}
+    assert summary["utterances"] == 18 and summary["left_out"] == {"duplicate (file)": 3}
     before = snapshot(root)
+    write_csv(audio, rows + [rows[4].replace(",sad,", ",happy,")])  # the same row, another label
+    one_error(cli(root, "preprocess", "--dataset", "mine"), 1, f"clips.csv:{len(rows) + 1}: {rows[4].split(',')[0]} "
+              "is listed at line 5 with label 'sad' and here with label 'happy'")
+    assert snapshot(root) == before
     shutil.copy(audio / "s2_sad.wav", audio / "copy.wav")  # the same audio under another name and label
     write_csv(audio, rows + ["copy.wav,happy,spk2"])
     one_error(cli(root, "preprocess", "--dataset", "mine"), 1, "copy.wav (happy", "s2_sad.wav (sad",

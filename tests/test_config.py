@@ -22,6 +22,10 @@ def test_project_params_load_with_their_sections():
         ("distill:\n  epochs: many\n", "`distill.epochs` = 'many': input should be a valid integer"),
         ("distill:\n  device: tpu\n", "`distill.device` = 'tpu': input should be 'auto', 'cpu' or 'cuda'"),
         ("- a list\n", "expected a mapping"),
+        ("", "holds no settings"),
+        ("# seed: 7\n\n", "holds no settings"),
+        ("distill:\n  epochs: 20\n  lr: 0.1\n  epochs: 1\n", "`distill.epochs` is set twice .lines 2 and 4."),
+        ("folds: [1, 2, 1]\n", "`folds` lists 1 twice"),
     ],
 )
 def test_bad_params_name_the_problem(tmp_path, text, message):

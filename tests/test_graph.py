@@ -4,6 +4,7 @@ re-running exactly the stages whose inputs changed and reproducing every output 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,71 @@ def test_a_stage_reading_an_undeclared_setting_fails():
                  lambda: params.corpora.get("ravdess"), lambda: params.world_size):
         with pytest.raises(UndeclaredParams, match="demo"):
             read()
+
+
+def committed_results(repo: Path) -> None:
+    """A DVC project holding the committed graph, params and results (no data: nothing runs)."""
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    for name in ("dvc.yaml", "dvc.lock", "params.yaml", "metrics", "report"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, repo / name)
+
+
+def test_dvc_plots_show_writes_a_page_that_opens_offline(tmp_path):
+    """`dvc plots show` on the committed report: the page it writes loads nothing from the network
+    (no CDN script) and every image it shows is a file beside it."""
+    committed_results(tmp_path)
+    dvc(tmp_path, "plots", "show", "-o", "plots")
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert not re.search(r"<script|<link|@import|url\(", page, re.I), "the page loads something"
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == len(list((ROOT / "report/figures").glob("*.png"))) > 0
+    assert all((tmp_path / "plots" / src).is_file() for src in images)
+
+
+def test_readmes_experiment_commands_fit_120_columns(tmp_path):
+    """README's narrow views of a variant of one method (here pl-distill's lambda_p, its metrics
+    as an experiment would change them) fit in 120 columns, the variant's UA and param shown."""
+    committed_results(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=tmp_path, check=True)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["distill"]["lambda_p"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    student = next((tmp_path / "metrics").glob("*/fold1/student-pl-distill-s*[0-9].json"))
+    student.write_text(json.dumps({"test": {"macro_f1": 0.3, "ua": 0.3125, "wa": 0.3}}))
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(dvc exp (?:diff|show) .*?)\s+# ", readme, re.M)
+    assert len(commands) == 2
+    for command in commands:
+        args = [a.strip("'") for a in command.split()[1:]] + (["--md"] if "show" in command else [])
+        out = dvc(tmp_path, *args).stdout
+        assert "0.3125" in out and "lambda_p" in out, out
+        assert max(len(line) for line in out.splitlines()) <= 120, out
+
+
+def test_constraints_pin_the_versions_that_made_the_committed_results():
+    """README's quick start installs with constraints.txt to reproduce dvc.lock: it pins every
+    dependency within pyproject's ranges, and the library versions the committed report says made its
+    numbers (every model records them) are the pinned ones."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+, as the pinned set
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins = {canonicalize_name(name): Version(version) for name, version in re.findall(
+        r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in map(Requirement, project["dependencies"] + project["optional-dependencies"]["test"]):
+        name = canonicalize_name(requirement.name)
+        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), requirement
+    made_with = re.findall(r"^- device .*$", (ROOT / "report/report.md").read_text(), re.M)
+    assert made_with
+    for line in made_with:
+        for library in ("numpy", "torch", "transformers"):
+            version = Version(re.search(rf"\b{library} (\S+?),?(?: |$)", line)[1])
+            assert version.public == str(pins[library]), f"{line}: {library} is pinned at {pins[library]}"
 
 
 # ---------------------------------------------------------------------------------- the real dvc repro
@@ -131,7 +197,6 @@ def repo(tmp_path_factory):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     dvc(repo, "init", "-q")
-    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
     dvc(repo, "repro")
     return repo
 
@@ -145,9 +210,8 @@ def test_dvc_repro_runs_a_real_corpus_layout_to_the_report(repo):
     assert set(metrics["test"]) == {"wa", "ua", "macro_f1"}
     assert stages_to_run(repo) == set()  # a second `dvc repro` would do nothing
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
-    curves = plots["report/training_curves.csv"][0]["content"]  # one line per run
-    assert curves["encoding"]["color"]["field"] == "run"
-    assert {row["run"] for row in curves["data"]["values"]} == {"ravdess/fold1/teacher", "ravdess/fold1/pl-distill"}
+    assert set(plots) == {f"report/figures/{p.name}" for p in (repo / "report/figures").iterdir()}
+    assert "report/figures/ravdess-curves.png" in plots  # the training curves among them
 
 
 @pytest.mark.parametrize("module", ["report.py", "metrics.py", "cache.py", "datasets/corpora.py", "losses.py"])

@@ -55,3 +55,18 @@ def test_the_smallest_p_is_one_over_one_plus_the_number_of_swaps():
     assert paired_comparison(truth, truth, wrong, n_boot=10)["p"] == 1 / 5001
     assert paired_comparison(truth, truth, wrong, n_boot=10, n_perm=99)["p"] == 1 / 100
     assert paired_comparison(truth, wrong, truth, n_boot=10, n_perm=99)["diff"] == -1.0
+
+
+def test_latency_is_timed_repeatedly_and_its_spread_recorded():
+    """evaluate times each model LATENCY_REPEATS times after its scoring pass: the record holds every
+    repeat, the medians and the spread (slowest - fastest total) that the report judges noise by."""
+    from pldistill_cli.evaluate import repeated_latency
+    from pldistill_cli.scoring import Scored
+
+    timings = [(1.0, 2.0), (1.2, 2.4), (9.0, 30.0), (1.1, 2.1), (0.9, 2.2)]
+    calls = []
+    record = repeated_latency(lambda k: calls.append(k) or Scored([], None, None, *timings[k]), len(timings))
+    assert calls == [0, 1, 2, 3, 4]
+    assert record["encoder_ms"] == 1.1 and record["llm_ms"] == 2.2  # medians: the slow repeat does not move them
+    assert record["spread_ms"] == 39.0 - 3.0
+    assert record["repeats"] == [{"encoder_ms": e, "llm_ms": l} for e, l in timings]

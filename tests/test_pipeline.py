@@ -281,6 +281,23 @@ def test_export_is_a_hub_model_whose_card_snippet_scores_like_predict(run_dir, c
     assert namespace["probabilities"] == pytest.approx(exported.probabilities, abs=1e-4)
     assert exported.probabilities == pytest.approx(original.probabilities, abs=1e-5)
     assert capsys.readouterr().out.startswith(exported.label)
+    assert "data/runs" not in card  # the teacher is named by its source, not by a folder on this machine
+
+    # a 10 s, 48 kHz stereo recording (two clips, one per channel): the card's lines mix it down, resample it
+    # and score it in encoder windows as `pldistill predict` does
+    import soundfile as sf
+
+    from pldistill_cli.audio import read_audio
+
+    other = next((run_dir / "data/prepared/synthetic/audio").glob("*spk03*.wav"))
+    left, right = (np.resize(read_audio(c, 48000), 48000 * 10) for c in (clip, other))
+    sf.write(run_dir / "stereo-48k.wav", np.stack([left, 0.5 * right], axis=1), 48000)
+    exec(snippet.replace("THIS_FOLDER", str(out)).replace('"clip.wav"', repr(str(run_dir / "stereo-48k.wav"))),
+         namespace)
+    predicted = _run(["predict", "--json", "--model", str(out), "stereo-48k.wav"], run_dir)
+    answer = json.loads(predicted.stdout)[0]
+    assert answer["windows"] == 3, predicted.stderr  # 4 + 4 + 2 s with the tiny preset's 4 s window
+    assert namespace["probabilities"] == pytest.approx(answer["probabilities"], abs=1e-4)
 
 
 def test_an_interrupted_cache_resumes_to_the_same_rows(run_dir, monkeypatch):

@@ -115,3 +115,80 @@ def test_trim_and_loudness():
     assert abs(20 * np.log10(np.sqrt(np.mean(louder**2))) + 20.0) < 0.1
     capped = normalize_loudness(np.r_[np.full(10, 0.9), np.zeros(16000)].astype(np.float32), -10.0)
     assert np.abs(capped).max() <= 10 ** (-1 / 20) + 1e-6
+
+
+def folder_corpus(root, labels=("Happy", "Sad"), speakers=("spkA", "spkB", "spkC"), clips=1):
+    """The user's own data as the folder adapter reads it: one folder per label, files <speaker>_<n>.wav
+    (real, distinct tones: the same audio twice would be kept once)."""
+    for j, label in enumerate(labels):
+        for k, speaker in enumerate(speakers):
+            for n in range(clips):
+                (root / label).mkdir(parents=True, exist_ok=True)
+                t = np.arange(8000) / 16000
+                sf.write(root / label / f"{speaker}_{n}.wav", 0.3 * np.sin(2 * np.pi * (200 + 40 * j + 7 * k + n) * t),
+                         16000)
+    return root
+
+
+def own_data(tmp_path, **corpus):
+    from pldistill_cli.config import CorpusParams
+
+    params = Params(corpora={"mine": CorpusParams(adapter="folder", root=str(tmp_path / "src"), n_folds=3, **corpus)},
+                    preprocess=PreprocessParams(workers=1))
+    return params, Layout(data=tmp_path / "data")
+
+
+def test_own_data_with_speakers_gives_no_warning(tmp_path, capsys):
+    folder_corpus(tmp_path / "src")
+    params, layout = own_data(tmp_path, speaker_pattern="^([^_]+)_")  # README's example
+    preprocess("mine", params, layout)
+    summary = json.loads((layout.prepared("mine") / "summary.json").read_text())
+    assert "warnings" not in summary and "warning" not in capsys.readouterr().err
+    assert read_manifest(layout.manifest("mine"))["speaker_independent"].all()
+
+
+def test_own_data_without_speakers_warns_on_the_terminal_and_in_the_summary(tmp_path, capsys):
+    """README, your own data: without --speaker-pattern (or a speaker column) every clip's speaker is
+    unknown and the folds fall back to label-stratified splits: two warnings, each saying how to fix it."""
+    folder_corpus(tmp_path / "src")
+    params, layout = own_data(tmp_path)
+    preprocess("mine", params, layout)
+    unknown, mixed = json.loads((layout.prepared("mine") / "summary.json").read_text())["warnings"]
+    assert unknown.startswith("6 of 6 clips have no known speaker; name the speakers with --speaker-pattern REGEX")
+    assert mixed.startswith("the folds are not speaker-independent: 6 of 6 clips were split without speaker")
+    assert all("`speaker` column" in w and "corpora.mine.speaker_pattern" in w for w in (unknown, mixed))
+    err = capsys.readouterr().err
+    assert f"\nwarning mine: {unknown}\n" in err and f"\nwarning mine: {mixed}\n" in err  # whole lines
+
+
+def test_own_data_of_one_speaker_is_named(tmp_path, capsys):
+    folder_corpus(tmp_path / "src", speakers=("spkA",), clips=3)
+    params, layout = own_data(tmp_path, speaker_pattern=r"^(spk\w)_")
+    preprocess("mine", params, layout)
+    one, mixed = json.loads((layout.prepared("mine") / "summary.json").read_text())["warnings"]
+    assert one.startswith("all 6 clips have one speaker (spkA): no split can keep a speaker out of training")
+    assert mixed.startswith("the folds are not speaker-independent")
+
+
+def test_fewer_than_two_labels_is_an_error_before_any_audio_is_read(tmp_path, monkeypatch):
+    from pldistill_cli import preprocess as stage
+    from pldistill_cli.errors import PldistillError
+
+    folder_corpus(tmp_path / "src", labels=("Happy",), clips=2)
+    params, layout = own_data(tmp_path, speaker_pattern=r"^(spk\w)_")
+    monkeypatch.setattr(stage, "_condition_all", lambda *a, **k: pytest.fail("audio conditioned"))
+    with pytest.raises(PldistillError, match=r"src: only one label \(Happy\); a classifier needs clips of at least 2"):
+        preprocess("mine", params, layout)
+    assert not layout.prepared("mine").exists()
+
+
+def test_a_second_label_lost_to_bad_files_is_an_error_too(tmp_path):
+    from pldistill_cli.errors import PldistillError
+
+    folder_corpus(tmp_path / "src")
+    for bad in (tmp_path / "src" / "Sad").iterdir():
+        bad.write_bytes(b"RIFF....not really a wav: " + bad.name.encode())
+    params, layout = own_data(tmp_path, speaker_pattern=r"^(spk\w)_")
+    with pytest.raises(PldistillError, match=r"only one label \(Happy\) after 3 unusable files were skipped"):
+        preprocess("mine", params, layout)
+    assert not layout.prepared("mine").exists()

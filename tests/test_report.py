@@ -14,7 +14,9 @@ import pytest
 
 from pldistill_cli.layout import Layout
 from pldistill_cli.metrics import classification_metrics, cluster_bootstrap_ua, paired_comparison
-from pldistill_cli.report import Runs, _collect, _paired, _summary_row, _verdict, diagnostics, render_html, table
+from pldistill_cli.report import (MIN_SPEAKERS, Runs, _collect, _paired, _summary_row, _verdict, answer_stats,
+                                   confusion_figure, diagnostics, held_out_p_true, interval, latency_notes,
+                                   render_html, repeated_timings, sanity_box, split_facts, table, trained_share)
 
 LABELS = ("Happy", "Sad")
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,37 +102,175 @@ def test_the_cluster_interval_resamples_speakers_not_clips():
     assert (lo, hi) == (0.0, 1.0) and 0.3 < clip_lo < 0.5 < clip_hi < 0.7
 
 
-def test_diagnostics_say_when_a_term_is_inert():
-    inert = [[{"epoch": 0, "probe_cka": 0.996, "grad_ce": 1.0, "grad_projector": 0.004, "grad_kl": 0.2},
-              {"epoch": 1, "probe_cka": 0.999, "grad_ce": 1.0, "grad_projector": 0.001, "grad_kl": 0.001,
-               "ce": 0.5, "kl": 0.004, "cka": 0.999}]]
-    alive = [[{"epoch": 0, "probe_cka": 0.6, "grad_ce": 1.0, "grad_projector": 0.5, "grad_kl": 0.3},
-              {"epoch": 1, "probe_cka": 0.8, "grad_ce": 1.0, "grad_projector": 0.4, "grad_kl": 0.2,
-               "ce": 0.5, "kl": 0.3, "cka": 0.8}]]
-    rows, notes = diagnostics({"pl-distill": inert}, attention_share=0.99, confidence=0.5)
-    assert rows[0][2:5] == ["0.9960", "0.9990", "0.0040"] and rows[0][5] == "0.00 → 0.00"
-    text = " ".join(notes)
-    assert "nearly uniform" in text and "projector term is inert" in text and "KL term is near zero" in text
-    rows, notes = diagnostics({"pl-distill": alive}, attention_share=0.4, confidence=0.5)
-    assert notes == [] and rows[0][5] == "0.50 → 0.40"
+def _epochs(*records: tuple[float, float, float]) -> list[dict]:
+    """A distilled run's history: per epoch (0 = before training) its probed CKA and the projector's and
+    KL's weighted gradient norms beside CE's (CE's gradient norm 2.0), and the epoch's mean terms."""
+    return [{"epoch": e, "probe_cka": cka, "grad_ce": 2.0, "grad_projector": 2.0 * p, "grad_kl": 2.0 * k,
+             **({"ce": 1.0 / (e + 1), "kl": 0.1} if e else {})} for e, (cka, p, k) in enumerate(records)]
+
+
+def test_a_term_that_dies_after_the_first_epoch_is_named_inert():
+    """Today's case (issue 22): the projector gradient falls from 0.49 of CE's to 0.04 at the evaluated
+    epoch, CKA is 0.996 after the first epoch. The old rule took the larger of the start and end shares
+    (0.49) and called the term alive; judged after the first epoch and at the evaluated epoch, it is inert.
+    The last epochs, past the evaluated one, have recovered: they are not what was evaluated."""
+    history = _epochs((0.8915, 0.49, 0.3), (0.996, 0.30, 0.4), *[(0.997, 0.2, 0.4)] * 5, (0.998, 0.04, 0.45),
+                      *[(0.999, 0.5, 0.45)] * 6)
+    rows, notes, inert = diagnostics({"pl-distill": [(history, 7)]}, attention_share=0.7)
+    assert inert == ["pl-distill's projector term"]
+    (note,) = notes
+    assert note.startswith("pl-distill: the projector term is inert: ")
+    assert "CKA is 0.9960 after the first epoch" in note and "CKA is 0.9980 at the evaluated epoch" in note
+    assert "its gradient is 4.0% of CE's at the evaluated epoch (below 5%)" in note
+    assert "after the first epoch (below" not in note  # 0.30 of CE's after epoch 1: that moment's CKA, not its share
+    assert rows[0][:2] == ["pl-distill", "7"] and rows[0][3] == "0.8915 → 0.9960 → 0.9980"
+    assert rows[0][5] == "0.49 → 0.30 → 0.04" and rows[0][6] == "0.30 → 0.40 → 0.45"
+    assert rows[0][2] == f"{1 / 8:.3f}"  # CE at the evaluated epoch 7, not at the last (13)
+
+
+def test_a_term_alive_where_it_is_judged_is_not_inert_whatever_the_last_epoch():
+    alive = _epochs((0.6, 0.5, 0.3), (0.8, 0.4, 0.2), (0.85, 0.3, 0.2), (0.995, 0.01, 0.01))  # dies after epoch 2
+    ce = [{"epoch": 0, "grad_ce": 1.0}, {"epoch": 1, "ce": 0.5, "grad_ce": 1.0}]
+    rows, notes, inert = diagnostics({"pl-distill": [(alive, 2)], "ce": [(ce, 1)]}, attention_share=0.4)
+    assert notes == [] and inert == []
+    assert rows[0][5] == "0.50 → 0.40 → 0.30" and rows[1][3] == "- → - → -"
+    # no selection recorded (no validation): the last epoch is the evaluated one, and there the term is dead
+    _, notes, inert = diagnostics({"pl-distill": [(alive, None)]}, attention_share=0.4)
+    assert inert == ["pl-distill's projector term", "pl-distill's KL term"]
+    assert "CKA is 0.9950 at the evaluated epoch" in notes[0] and "1.0% of CE's at the evaluated epoch" in notes[1]
+
+
+def test_the_judgement_averages_the_runs_of_a_method():
+    """Two seeds: one projector share 0.02, one 0.10 at the evaluated epoch: mean 0.06, alive; with 0.02
+    and 0.06 the mean 0.04 is inert."""
+    run = lambda share: (_epochs((0.5, 0.5, 0.5), (0.6, 0.5, 0.5), (0.7, share, 0.5)), 2)  # noqa: E731
+    assert diagnostics({"cka": [run(0.02), run(0.10)]}, 0.4)[2] == []
+    assert diagnostics({"cka": [run(0.02), run(0.06)]}, 0.4)[2] == ["cka's projector term"]
 
 
 def test_each_note_is_a_plain_sentence_that_states_its_conclusion():
     """README: 'a plain sentence for every mechanism that is inert': each note gives the numbers it rests on
     (computed here by hand) and says what follows from them, in full."""
-    history = [[{"epoch": 0, "probe_cka": 0.6, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.02},
-                {"epoch": 1, "probe_cka": 0.8, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.01,
-                 "ce": 0.5, "kl": 0.004}]]
-    _, notes = diagnostics({"kd": history}, attention_share=0.97, confidence=0.95)
+    history = [{"epoch": 0, "probe_cka": 0.6, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.02},
+               {"epoch": 1, "probe_cka": 0.8, "grad_ce": 2.0, "grad_projector": 1.0, "grad_kl": 0.01,
+                "ce": 0.5, "kl": 0.004}]
+    _, notes, _ = diagnostics({"kd": [(history, 1)]}, attention_share=0.97, soft_target=0.95)
     uniform, kl, confident = notes
     assert "97% of T" in uniform
     assert uniform.endswith("AW-CKA weights every step alike here, so it behaves as plain CKA.")
-    # KL 0.004 at the end; its gradient 0.01 / 2.0 = 0.5% of CE's
-    assert kl.startswith("kd: ") and "(0.0040; gradient 0.5% of CE's)" in kl
+    # KL 0.004 at the evaluated epoch; its gradient 0.01 / 2.0 = 0.5% of CE's
+    assert kl.startswith("kd: the KL term is inert: ") and "(0.0040; gradient 0.5% of CE's)" in kl
     assert kl.endswith("on its own training clips the teacher's targets carry little beyond the label.")
-    assert "p(true label) 0.95 on average" in confident
+    assert "first token 0.95 on average" in confident
     assert confident.endswith("its soft targets are close to the one-hot label there.")
-    assert all(n[0].isupper() or n.startswith("kd: ") for n in notes)
+
+
+def test_the_teachers_answer_read_from_its_cached_top_k():
+    """Logits over a 12-token vocabulary; labels begin with tokens 3, 5, 7 and 9 (two labels share 9).
+    Cached: the top 6 log-probabilities at T = 2, as cache-teacher keeps them."""
+    logits = np.array([4.0, 1.0, 0.5, 3.0, 0.1, 2.0, -1.0, 1.5, 0.2, 2.5, 0.0, -2.0])
+    tempered = logits / 2 - np.log(np.exp(logits / 2).sum())
+    top = np.argsort(-tempered)[:6]  # 0, 3, 9, 5, 7, 1: token 0 begins no label
+    firsts = [3, 5, 7, 9, 9]
+    found = answer_stats(top, tempered[top], 5, firsts, 2.0)
+    at_one = np.exp(logits[[3, 5, 7, 9]])
+    assert found["p_true"] == pytest.approx(at_one[1] / at_one.sum())  # temperature 1, among the labels
+    assert found["soft_target"] == pytest.approx(np.exp(tempered[5]))
+    assert found["off_labels"] == pytest.approx(1 - np.exp(tempered[[3, 5, 7, 9]]).sum())
+    # a label's first token outside the top-k: the smallest cached log-probability stands in for it
+    top = top[:4]  # 0, 3, 9, 5: 7 is gone
+    found = answer_stats(top, tempered[top], 3, firsts, 2.0)
+    stand_in = np.exp(2 * tempered[[3, 5, 5, 9]])  # 7's stand-in: 5's, the smallest kept
+    assert found["p_true"] == pytest.approx(stand_in[0] / stand_in.sum())
+    assert answer_stats(top, tempered[top], 7, firsts, 2.0)["soft_target"] == 0.0
+
+
+def test_held_out_p_true_is_the_softmax_of_the_rank_scores():
+    frame = pd.DataFrame({"label": ["Happy", "Sad"], "logp_Happy": [-1.0, -0.5], "logp_Sad": [-2.0, -3.0]})
+    expected = np.mean([1 / (1 + np.exp(-1.0)), 1 / (1 + np.exp(2.5))])
+    assert held_out_p_true(frame, LABELS) == pytest.approx(expected)
+    assert np.isnan(held_out_p_true(frame.drop(columns="logp_Sad"), LABELS))  # generation scoring: no scores
+
+
+def test_the_share_of_kl_positions_the_teacher_was_trained_on():
+    stats = pd.DataFrame({"kl_positions": [99, 100], "answer_positions": [2, 3]})
+    assert trained_share(stats, "pl-distill", "full") == pytest.approx(5 / 199)
+    assert trained_share(stats, "kd", "full") == 1.0  # KD's KL is at the answer positions only
+    assert trained_share(stats, "ldist", "lora") == 1.0  # a pretrained LM: every position
+    assert np.isnan(trained_share(stats, "ce", "full"))
+
+
+CLEAN = dict(chance=0.25, models={"teacher": 0.6, "ce": 0.55}, references={"duration": 0.3, "prosody": 0.4},
+             test_speakers={1: 4, 2: 3}, not_independent=0, unknown_speakers=0, inert=[])
+
+
+@pytest.mark.parametrize("planted, sentence", [
+    ({"models": {"teacher": 0.29, "ce": 0.55}}, "**At chance**: teacher (UA 0.290) is within 0.05 of chance (0.250)"),
+    ({"models": {"teacher": 0.40, "ce": 0.35}}, "**A shortcut wins**: the prosody reference (UA 0.400) scores at "
+                                                 "least as well as every model (best: teacher, 0.400)"),
+    ({"test_speakers": {1: 4, 2: 2}}, "**Too few test speakers**: fold 2 (2) tests fewer than 3 speakers"),
+    ({"not_independent": 40}, "**Folds not speaker-independent**: the manifest marks 40 clips "
+                              "`speaker_independent: false`"),
+    ({"not_independent": 40, "unknown_speakers": 40}, "40 clips have no known speaker"),
+    ({"inert": ["pl-distill's projector term"]}, "**Inert distillation term**: pl-distill's projector term"),
+])
+def test_the_sanity_box_names_each_planted_cause(planted, sentence):
+    box = "\n".join(sanity_box(**{**CLEAN, **planted}))
+    assert box.startswith("> **Read this first**") and sentence in box
+    assert box.count("> - ") == 1  # only the planted cause
+    assert "Sanity checks" not in box
+
+
+def test_a_clean_dataset_gets_one_line_and_the_fixes_are_named():
+    assert sanity_box(**CLEAN)[0].startswith("> **Sanity checks**: every model is above chance")
+    box = " ".join(sanity_box(**{**CLEAN, "unknown_speakers": 3, "not_independent": 3}))
+    assert "`--speaker-pattern REGEX`" in box and "`speaker` column" in box
+
+
+def test_split_facts_read_the_manifest():
+    manifest = pd.DataFrame({"fold": [1, 1, 1, 2, 2, 3], "speaker": ["a", "b", "c", "d", "unknown", "e"],
+                             "speaker_independent": [True, True, True, False, False, True]})
+    assert split_facts(manifest, [1, 2, 4]) == ({1: 3, 2: 2, 4: 0}, 2, 1)
+
+
+def test_an_interval_from_too_few_speakers_is_not_given(hand_made):
+    assert interval(0.437, 0.438, 2) == "n/a (2 speakers)" and interval(0, 0, 1) == "n/a (1 speaker)"
+    assert interval(0.4, 0.5, MIN_SPEAKERS) == "[0.400, 0.500]"
+    layout, runs = hand_made
+    pooled = _summary_row(_collect(layout, "d", "x", runs), LABELS, seed=0, teacher_params=None)[6]
+    one_fold = _summary_row(_collect(layout, "d", "x", runs[:2]), LABELS, seed=0, teacher_params=None)[6]
+    assert pooled.count("[") == 1 and one_fold.endswith("n/a (2 speakers)")  # folds 1 and 2 pool 4 speakers
+
+
+def test_latency_is_called_noisy_when_its_spread_covers_the_difference():
+    assert latency_notes({"teacher": [3.0], "ce": [1.0]})[0].startswith("Each model was timed once")
+    assert latency_notes({"teacher": [3.0, 3.1, 3.2], "ce": [1.0, 1.1, 1.05]}) == []
+    noisy = latency_notes({"teacher": [3.0, 3.1, 30.0], "ce": [1.0, 1.1, 1.05]})
+    assert noisy[0].startswith("Latency is noisy") and "teacher and ce" in noisy[0]
+    assert "teacher 3.10 ms, spread 27.00" in noisy[0] and "timings of teacher vary" in noisy[1]
+    assert repeated_timings([{"encoder_ms": 1, "llm_ms": 2, "repeats": [{"encoder_ms": 1, "llm_ms": 2},
+                                                                        {"encoder_ms": 3, "llm_ms": 4}]},
+                             {"encoder_ms": 5, "llm_ms": 6}]) == ([1, 3, 5], [2, 4, 6])
+
+
+def test_the_confusion_matrices_are_legible_at_the_pages_width():
+    """Five models of eight classes: no wider than the page (1100 px: shown at full size), counts in 9 pt
+    or larger, and every label inside the picture (none clipped)."""
+    labels = ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"label": rng.choice(labels, 400), "prediction": rng.choice(labels, 400)})
+    fig = confusion_figure({n: frame for n in ("teacher", "ce", "kd", "pl-distill", "prosody")}, labels, "d", [1])
+    fig.canvas.draw()
+    width, height = fig.canvas.get_width_height()
+    assert width <= 1100
+    renderer = fig.canvas.get_renderer()
+    texts = [t for ax in fig.axes if ax.get_visible() for t in ax.texts]
+    assert len(texts) == 5 * 64 and min(t.get_fontsize() for t in texts) >= 9
+    shown = [t for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_text() and a.get_visible())]
+    assert any(t.get_text() == "predicted" for t in shown)
+    for t in shown:
+        box = t.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, t.get_text()
 
 
 def test_equal_ua_is_never_significant():

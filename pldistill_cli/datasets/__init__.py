@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..config import CorpusParams, Params
+from ..config import CorpusParams, Params, params_file
 from ..errors import PldistillError
 from ..layout import Layout
+
+# corpus settings (and preprocess options) that only some adapters read: given to another, they would be ignored
+READ_BY = {"csv": ("folder",), "metadata": ("emobox",), "speaker_pattern": ("emobox", "folder")}
+
+
+def ignored(adapter: str, **given: object) -> list[str]:
+    """The settings among `given` (those not None) that `adapter` does not read."""
+    return [k for k, v in given.items() if v is not None and k in READ_BY and adapter not in READ_BY[k]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ def resolve(dataset: str, params: Params, root: Path | None = None, **overrides:
         choices = sorted(set(known) | set(params.corpora))
         raise PldistillError(f"unknown dataset `{dataset}`; known: {', '.join(choices)} "
                              "(or add it under `corpora` in params.yaml)")
+    unread = ignored(name, **{k: getattr(corpus, k) for k in READ_BY})
+    if unread:
+        raise PldistillError(f"{params_file(params)}: corpora.{dataset}.{unread[0]} is set, but the {name} adapter does "
+                             f"not read it; remove it, or set corpora.{dataset}.adapter to {' or '.join(READ_BY[unread[0]])}")
     if root is not None:
         corpus = dataclasses.replace(corpus, root=str(root))
     if corpus.root is not None and not Path(corpus.root).exists():
@@ -83,3 +95,10 @@ def resolve(dataset: str, params: Params, root: Path | None = None, **overrides:
         raise PldistillError(f"{corpus.root}: is a file, not a folder; pass the folder that holds the corpus"
                              + (" (where the synthetic clips are rendered)" if name == "synthetic" else ""))
     return known[name], corpus
+
+
+def check_corpus(dataset: str, adapter: Adapter, corpus: CorpusParams) -> None:
+    """What an adapter can check without reading audio (a CSV's format and rows), before torch is imported."""
+    check = getattr(adapter, "check", None)
+    if check is not None:
+        check(dataset, corpus)

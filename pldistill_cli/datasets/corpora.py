@@ -32,6 +32,7 @@ is wrong (error); otherwise the missing ones are listed (Collected.missing).
 
 from __future__ import annotations
 
+import csv as _csvlib
 import dataclasses
 import hashlib
 import json
@@ -44,14 +45,12 @@ import numpy as np
 
 from ..config import CorpusParams, Params
 from ..errors import PldistillError
+from ..inputs import AUDIO_SUFFIXES
 from ..labels import IEMOCAP_CODES, IEMOCAP_LEFT_OUT, LABEL_SETS, RAVDESS_CODES, SAVEE_CODES
 from ..layout import Layout
 from . import Collected, SourceItem, previous_fold
 
 UNKNOWN = "unknown"  # the speaker of an utterance whose speaker is not known
-AUDIO_SUFFIXES = frozenset(
-    ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64 .sph .nist .voc".split()
-)
 RAVDESS_FOLDS = {1: (1, 11, 20, 21), 2: (4, 10, 12, 14), 3: (8, 9, 19, 23), 4: (3, 5, 7, 24),
                  5: (2, 15, 16, 18), 6: (6, 13, 17, 22)}  # EmoBox's test actors per fold
 SAVEE_FOLDS = {"JE": 1, "KL": 2, "DC": 3, "JK": 4}  # EmoBox's test speaker -> fold
@@ -425,7 +424,7 @@ class FolderAdapter:
                 advance: Advance) -> Collected:
         excluded: Counter = Counter()
         missing: list[str] = []
-        rows = self._csv(dataset, corpus, advance, missing) if corpus.csv else \
+        rows = self._csv(dataset, corpus, advance, missing, excluded) if corpus.csv else \
             self._label_folders(dataset, corpus, advance, excluded)
         pattern = _compile(corpus.speaker_pattern, dataset)
         ids = _unique_ids([(f"{dataset}-{rel}", str(path)) for rel, path, *_ in rows])
@@ -455,6 +454,11 @@ class FolderAdapter:
         items = _with_validation(items, n_folds, rng)
         return Collected(items, tuple(sorted({i.label for i in items})), dict(excluded), missing)
 
+    def check(self, dataset: str, corpus: CorpusParams) -> None:
+        """A CSV's format and rows (the audio files it lists are read later)."""
+        if corpus.csv:
+            self._csv(dataset, corpus, lambda: None, [], Counter())
+
     @staticmethod
     def _label_folders(dataset: str, corpus: CorpusParams, advance: Advance, excluded: Counter) -> list[tuple]:
         root = _root(dataset, corpus)
@@ -477,42 +481,56 @@ class FolderAdapter:
         return rows
 
     @staticmethod
-    def _csv(dataset: str, corpus: CorpusParams, advance: Advance, missing: list[str]) -> list[tuple]:
-        """Rows of the CSV; listed files that do not exist go to `missing` (as looked up next to the CSV)."""
-        import pandas as pd
-
+    def _csv(dataset: str, corpus: CorpusParams, advance: Advance, missing: list[str], excluded: Counter) -> list[tuple]:
+        """Rows of the CSV; listed files that do not exist go to `missing` (as looked up next to the CSV). A row
+        repeated exactly is kept once (counted as a duplicate file, like the same file under another path);
+        the same path listed again with another label, speaker or fold is an error naming both lines."""
         root = Path(corpus.root) if corpus.root else None
         csv = Path(corpus.csv)
         if not csv.is_file() and root is not None and (root / csv).is_file():
             csv = root / csv
         if not csv.is_file():
             raise PldistillError(f"{corpus.csv}: CSV not found; set corpora.{dataset}.csv to a file with columns path,label")
-        try:
-            table = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
-        except pd.errors.EmptyDataError:
-            raise PldistillError(f"{csv}: empty CSV; list the audio files with columns path,label") from None
-        except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        try:  # the csv module, not pandas: this runs before the audio is touched, and must be quick
+            with csv.open(newline="", encoding="utf-8-sig") as f:
+                reader = _csvlib.reader(f, skipinitialspace=True)
+                lines = [(reader.line_num, cells) for cells in reader if any(c.strip() for c in cells)]
+        except (_csvlib.Error, UnicodeDecodeError) as exc:
             raise PldistillError(f"{csv}: unreadable CSV ({str(exc).splitlines()[0]})") from None
-        table.columns = [str(c).strip().lower() for c in table.columns]
-        if not {"path", "label"} <= set(table.columns):
-            raise PldistillError(f"{csv}: needs the columns path and label (optional speaker, fold); found {list(table.columns)}")
-        rows, seen = [], set()
-        for n, row in enumerate(table.to_dict("records"), start=2):
+        if not lines:
+            raise PldistillError(f"{csv}: empty CSV; list the audio files with columns path,label")
+        columns = [c.strip().lower() for c in lines[0][1]]
+        if not {"path", "label"} <= set(columns):
+            raise PldistillError(f"{csv}: needs the columns path and label (optional speaker, fold); found {columns}")
+        rows, seen = [], {}
+        for n, cells in lines[1:]:
             advance()
+            if len(cells) > len(columns):
+                raise PldistillError(f"{csv}:{n}: {len(cells)} fields, but the header names {len(columns)}; fix the CSV")
+            row = dict(zip(columns, cells + [""] * (len(columns) - len(cells))))
             where = f"{csv}:{n}"
             rel = row["path"].strip()
-            if not rel or rel in seen:
-                raise PldistillError(f"{where}: {'empty path' if not rel else f'{rel} is listed twice'}; fix the CSV")
-            seen.add(rel)
+            if not rel:
+                raise PldistillError(f"{where}: empty path; fix the CSV")
+            entry = {k: v.strip() for k, v in row.items()}
+            if rel in seen:
+                line, first = seen[rel]
+                other = next((k for k in entry if entry[k] != first[k]), None)
+                if other:
+                    raise PldistillError(f"{where}: {rel} is listed at line {line} with {other} {first[other]!r} and "
+                                         f"here with {other} {entry[other]!r}; keep one row")
+                excluded["duplicate (file)"] += 1
+                continue
+            seen[rel] = (n, entry)
             candidates = [Path(rel)] if Path(rel).is_absolute() else [csv.parent / rel] + ([root / rel] if root else [])
             path = next((c for c in candidates if c.is_file()), None)
             if path is None:
                 missing.append(str(candidates[0]))
                 continue
-            speaker = row.get("speaker", "").strip() if "speaker" in table.columns else None
+            speaker = row["speaker"].strip() if "speaker" in columns else None
             if speaker == "":
                 raise PldistillError(f"{where}: empty speaker; fill it in or drop the speaker column")
-            fold = row.get("fold", "").strip() if "fold" in table.columns else None
+            fold = row["fold"].strip() if "fold" in columns else None
             if fold is not None and not (fold.isdigit() and int(fold) >= 1):
                 raise PldistillError(f"{where}: fold {fold!r} is not a fold number (1, 2, ...); fix the CSV")
             label = _check_label(row["label"].strip(), where)
