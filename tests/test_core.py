@@ -455,7 +455,11 @@ def test_summary_row_sizes_and_speaker_interval() -> None:
     frame = _run_frame(1, ["s0"] * 4 + ["s1"] * 4, [True] * 4 + [False] * 4).assign(fold=1, seed=None)
     runs = Runs("m", [(1, None, "m")], [{"wa": 0.5, "ua": 0.5, "macro_f1": 0.25}], frame)
     row = _summary_row(runs, ("Happy", "Sad"), seed=0, teacher_params=None)
-    assert row == ["m", "-", "-", "0.500", "0.500", "0.250", "0.500 [0.000, 1.000]", 1, 0]
+    assert row == ["m", "-", "-", "0.500", "0.500", "0.250", "0.500 n/a (2 speakers)", 1, 0]  # no interval from 2
+    three = pd.concat([frame, frame.iloc[:4].assign(speaker="s2")], ignore_index=True)  # s2 always right too
+    cell = _summary_row(Runs("m", runs.runs, runs.details, three), ("Happy", "Sad"), seed=0, teacher_params=None)[6]
+    low, high = map(float, cell.split("[")[1].rstrip("]").split(","))
+    assert cell.startswith("0.667 [") and 0 <= low < 0.667 < high == 1.0
     sized = Runs("m", runs.runs, [{**runs.details[0], "parameters": 2000}], frame)
     assert _summary_row(sized, ("Happy", "Sad"), 0, 5000)[1:3] == ["2,000", "2.5x"]
     assert _summary_row(sized, ("Happy", "Sad"), 0, None)[1:3] == ["-", "-"]
@@ -501,38 +505,42 @@ def _history(cka, grads, ce=0.5, kl=None) -> list[dict]:
 
 
 def test_diagnostics_rows_are_means_over_runs() -> None:
-    runs = [_history([0.6, 0.7], [(2.0, 0.4, 0.2), (0.5, 0.1, 0.05)], ce=0.4, kl=0.3),
-            _history([0.8, 0.9], [(2.0, 0.8, 0.6), (0.5, 0.3, 0.15)], ce=0.6, kl=0.5)]
+    runs = [(_history([0.6, 0.7], [(2.0, 0.4, 0.2), (0.5, 0.1, 0.05)], ce=0.4, kl=0.3), 1),
+            (_history([0.8, 0.9], [(2.0, 0.8, 0.6), (0.5, 0.3, 0.15)], ce=0.6, kl=0.5), 1)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # terms a method lacks are "-", without numpy warnings
-        rows, notes = diagnostics({"pl-distill": runs, "ce": [_history([None, None], [(1.0,), (1.0,)])]},
-                                  attention_share=0.5, confidence=0.5)
-    # projector grad / CE grad: (0.4/2 + 0.8/2) / 2 -> (0.1/0.5 + 0.3/0.5) / 2; KL: (0.1 + 0.3) / 2 -> (0.1 + 0.3) / 2
-    assert rows[0] == ["pl-distill", "0.500", "0.7000", "0.8000", "0.4000", "0.30 → 0.40", "0.20 → 0.20"]
-    assert rows[1][:5] == ["ce", "0.500", "-", "-", "-"] and rows[1][6] == "- → -"
-    assert notes == []
+        rows, notes, inert = diagnostics({"pl-distill": runs, "ce": [(_history([None, None], [(1.0,), (1.0,)]), 1)]},
+                                         attention_share=0.5)
+    # before training, after the first epoch, at the evaluated epoch (here the first): CKA (0.6 + 0.8) / 2 ->
+    # (0.7 + 0.9) / 2; projector grad / CE grad (0.4/2 + 0.8/2) / 2 -> (0.1/0.5 + 0.3/0.5) / 2; KL (0.1 + 0.3) / 2
+    assert rows[0] == ["pl-distill", "1", "0.500", "0.7000 → 0.8000 → 0.8000", "0.4000", "0.30 → 0.40 → 0.40",
+                       "0.20 → 0.20 → 0.20"]
+    assert rows[1][:5] == ["ce", "1", "0.500", "- → - → -", "-"] and rows[1][6] == "- → - → -"
+    assert notes == [] and inert == []
 
 
 def test_diagnostics_notes_at_their_thresholds() -> None:
-    def notes(cka, grads, kl, share=0.5, confidence=0.5):
-        return " ".join(diagnostics({"m": [_history(cka, grads, kl=kl)]}, share, confidence)[1])
+    def notes(cka, grads, kl, share=0.5, soft_target=0.5, best=None):
+        return " ".join(diagnostics({"m": [(_history(cka, grads, kl=kl), best)]}, share, soft_target)[1])
 
-    alive = [(1.0, 0.5, 0.5), (1.0, 0.5, 0.5), (1.0, 0.5, 0.5)]
+    alive = [(1.0, 0.5, 0.5)] * 3
     assert notes([0.6, 0.7, 0.8], alive, kl=0.3) == ""
     assert "nearly uniform" in notes([0.6, 0.7], alive[:2], kl=0.3, share=0.95)
-    assert "confident" in notes([0.6, 0.7], alive[:2], kl=0.3, confidence=0.9)
-    assert notes([0.6, 0.7], alive[:2], kl=0.3, share=0.94, confidence=0.89) == ""
-    # CKA at or above 0.99 at initialisation and after the first epoch: inert
-    assert "1 - CKA is below 0.01 and the projector term is inert" in notes([0.99, 0.995, 0.5], alive, kl=0.3)
-    assert "inert" not in notes([0.995, 0.8, 0.995], alive, kl=0.3)  # the first epoch moved it
-    # a projector gradient below 5% of CE's, before and after: barely moves the student
-    assert "barely moves" in notes([0.6, 0.7], [(1.0, 0.04, 0.5), (1.0, 0.01, 0.5)], kl=0.3)
-    assert "barely moves" not in notes([0.6, 0.7], [(1.0, 0.05, 0.5), (1.0, 0.01, 0.5)], kl=0.3)
-    # KL: below 0.01 at the end, or its gradient below 5% of CE's throughout
-    assert "KL term is near zero" in notes([0.6, 0.7], alive[:2], kl=0.009)
-    assert "KL term is near zero" not in notes([0.6, 0.7], alive[:2], kl=0.01)
-    assert "KL term is near zero" in notes([0.6, 0.7], [(1.0, 0.5, 0.04), (1.0, 0.5, 0.01)], kl=0.3)
-    assert "KL term is near zero" not in notes([0.6, 0.7], [(1.0, 0.5, 0.05), (1.0, 0.5, 0.01)], kl=0.3)
+    assert "confident" in notes([0.6, 0.7], alive[:2], kl=0.3, soft_target=0.9)
+    assert notes([0.6, 0.7], alive[:2], kl=0.3, share=0.94, soft_target=0.89) == ""
+    # CKA at or above 0.99 after the first epoch or at the evaluated one: inert; before training does not count
+    assert "m: the projector term is inert" in notes([0.5, 0.99, 0.6], alive, kl=0.3)
+    assert "m: the projector term is inert" in notes([0.5, 0.6, 0.99], alive, kl=0.3)
+    assert "inert" not in notes([0.995, 0.6, 0.9899], alive, kl=0.3)
+    assert "inert" not in notes([0.5, 0.6, 0.995], alive, kl=0.3, best=1)  # past the evaluated epoch
+    # a projector gradient below 5% of CE's where it is judged: inert
+    assert "m: the projector term is inert" in notes([0.6, 0.7, 0.7], [alive[0], (1.0, 0.049, 0.5), alive[0]], kl=0.3)
+    assert "inert" not in notes([0.6, 0.7, 0.7], [(1.0, 0.01, 0.5), (1.0, 0.05, 0.5), alive[0]], kl=0.3)
+    # KL: below 0.01 at the evaluated epoch, or its gradient below 5% of CE's where it is judged
+    assert "m: the KL term is inert" in notes([0.6, 0.7], alive[:2], kl=0.009)
+    assert "KL term" not in notes([0.6, 0.7], alive[:2], kl=0.01)
+    assert "m: the KL term is inert" in notes([0.6, 0.7], [(1.0, 0.5, 0.5), (1.0, 0.5, 0.04)], kl=0.3)
+    assert "KL term" not in notes([0.6, 0.7], [(1.0, 0.5, 0.01), (1.0, 0.5, 0.05)], kl=0.3)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -901,12 +909,15 @@ class _Bar:
         self.info = self.info if info is None else info
         self.log.append((self.position, self.info))
 
+    def report(self, text: str) -> None:  # the epoch's line (ui: the bar's text on a terminal, a log line off it)
+        self.update(info=text)
+
 
 def _shown(info: str):
     """What a progress line says: ("validation", epoch, score, best so far) or ("batch", epoch, {term: mean})."""
     if not info:
         return info
-    if match := re.fullmatch(r"epoch (\d+) validation_ua (\S+) \(best (\S+)\)", info):
+    if match := re.fullmatch(r"epoch (\d+) (?:\S+ \S+ )*validation_ua (\S+) \(best (\S+)\)", info):
         return "validation", int(match[1]), float(match[2]), float(match[3])
     words = info.split(" ")
     assert words[0] == "epoch" and len(words) % 2 == 0, info
