@@ -34,8 +34,8 @@ from .config import Params, fingerprint, params_file, preprocessing
 from .data import length_sorted_batches, text_batch
 from .errors import PldistillError
 from .files import replace_folder
-from .inputs import check_cache_settings
 from .forward import audio_features, encode_audio, forward_with_audio_attention, topk_from_hidden
+from .inputs import check_cache_settings
 from .layout import Layout
 from .manifest import manifest_labels, read_manifest, split_of
 from .models import bf16_device, load_encoder, load_model, weights_dtype
@@ -70,9 +70,9 @@ class _ClipsToEncode(Dataset):
 @torch.no_grad()
 def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> Path:
     p = params.cache
-    check_cache_settings(layout.teacher(dataset, fold), p.top_k, p.attention_layer, params_file(params))  # nothing written yet
-    labels = manifest_labels(layout.manifest(dataset))
     teacher_dir = layout.teacher(dataset, fold)
+    check_cache_settings(teacher_dir, p.top_k, p.attention_layer, params_file(params))  # nothing written yet
+    labels = manifest_labels(layout.manifest(dataset))
     device = resolve_device(p.device)
     processes = start_processes(device, params.world_size)
     rank = processes.process_index
