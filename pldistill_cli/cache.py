@@ -265,6 +265,7 @@ class CachedTargets(Dataset):
         self.rows, self.columns, self.store, self.k = rows, list(columns), store, top_k
         self._part: tuple[str, pd.DataFrame] | None = None
         self.constants: list[dict[str, torch.Tensor]] = []  # per row: values computed once from the rows
+        self.labelled: np.ndarray | None = None  # per row: whether CE may read its label (None: every row)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -278,7 +279,7 @@ class CachedTargets(Dataset):
         where = self.rows.iloc[i]
         r = self._read(where["part"]).iloc[where["row"]]
         t, s = int(r["n_audio"]), len(r["input_ids"])
-        item = {"index": i, "label": r["label"], "input_ids": torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)),
+        item = {"index": i, "label": r["label"], "labelled": True if self.labelled is None else bool(self.labelled[i]), "input_ids": torch.from_numpy(np.array(r["input_ids"], dtype=np.int64)),
                 "encoded": self.store.get(r["id"]), **(self.constants[i] if self.constants else {})}
         if "attention" in r:
             item["attention"] = torch.from_numpy(np.array(r["attention"], dtype=np.float32))
@@ -295,6 +296,12 @@ class CachedTargets(Dataset):
             raise PldistillError(f"{where['part']}: row {r['id']}: {'wrong shapes' if not shapes_ok else 'non-finite values'}; "
                                  "re-run `pldistill cache-teacher`")
         return item
+
+    def subset(self, keep: np.ndarray) -> "CachedTargets":
+        """The rows where `keep` is true."""
+        out = CachedTargets(self.rows[keep].reset_index(drop=True), tuple(self.columns), self.store, self.k)
+        out.labelled = None if self.labelled is None else self.labelled[keep]
+        return out
 
     def batches(self, batch_size: int, seed: int | None = None, rows: list[int] | None = None) -> list[list[int]]:
         """Batches (of `rows`, default all) drawn within one Parquet part (parts hold clips of similar

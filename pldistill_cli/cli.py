@@ -167,17 +167,26 @@ def preprocess(
                   highlight=False)
 
 
+def _pretrain(stage: str, params: Path, device: Optional[str]) -> None:
+    """A pretraining stage: no matrix axes; its function is named as its module (pretrain_encoder.pretrain_encoder)."""
+    module = STAGES[stage].module
+
+    def call(settings: Params):
+        return getattr(import_module(f".{module}", __package__), module)(settings, Layout())
+
+    _run(stage, {}, params, call, device, module, resumes=str(Layout().work(None, None, stage)))
+
+
 @app.command("pretrain-encoder")
 def pretrain_encoder(params: Path = PARAMS, device: Device = DEVICE) -> None:
     """Pretrain the preset's audio encoder to hear prosody in emotion-free synthetic speech (hub: record the checkpoint's)."""
+    _pretrain("pretrain-encoder", params, device)
 
-    def call(settings: Params):
-        from .pretrain_encoder import pretrain_encoder as run
 
-        return run(settings, Layout())
-
-    _run("pretrain-encoder", {}, params, call, device, "pretrain_encoder",
-         resumes=str(Layout().work(None, None, "pretrain-encoder")))
+@app.command("pretrain-teacher")
+def pretrain_teacher(params: Path = PARAMS, device: Device = DEVICE) -> None:
+    """Pretrain the preset's teacher on labelled emotional speech in voices and sentences no fold uses (hub: record the checkpoint's)."""
+    _pretrain("pretrain-teacher", params, device)
 
 
 @app.command("train-teacher")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
+from typing_extensions import TypedDict
 
 from .errors import PldistillError
 
@@ -117,6 +118,25 @@ class PretrainEncoderParams:
 
 
 @settings
+class PretrainTeacherParams:
+    """pretrain-teacher (presets built from configs): the teacher's pretraining, the part Qwen2-Audio's
+    pretraining plays in the paper. The preset's teacher, on the pretrained encoder, learns to answer the
+    prompt on labelled emotional speech in voices and sentences that no fold uses (voices 0 = no
+    pretraining: train-teacher starts from random weights)."""
+
+    voices: Annotated[int, Field(strict=True, ge=0, le=84)] = 84  # of synthetic.PRETRAIN_VOICES, a speaker each
+    sentences: Annotated[int, Field(strict=True, ge=1, le=12)] = 3  # per voice and emotion (of PRETRAIN_SENTENCES)
+    validation_voices: Count = 8  # the last voices, held out to choose the epoch
+    epochs: Count = 20
+    patience: NonNegativeInt = 6
+    batch_size: Count = 16
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 0.01
+    max_grad_norm: Positive = 1.0
+    device: Device = "auto"
+
+
+@settings
 class TrainTeacherParams:
     # full: every weight from the preset's random init (tiny, small); lora: peft LoRA on the LLM of a
     # real checkpoint (encoder and projector frozen); zero-shot: the checkpoint as is
@@ -153,13 +173,47 @@ class CacheParams:
     device: Device = "auto"
 
 
+# The weights of each method's loss terms, `distill.weights.<method>` (L = CE + lambda_p (1 - CKA), or
+# lambda_p MSE for FitNets, + lambda_l KL): a method has only the weights of the terms it switches on, so that
+# DVC re-runs only the methods a changed weight reaches. This mirrors methods.Method.weights (config imports no
+# torch; test_methods checks the two agree).
+METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {
+    "ce": (), "kd": ("lambda_l",), "ldist": ("lambda_l",), "pdist": ("lambda_p", "cka_estimator"),
+    "fitnets": ("lambda_p", "lambda_l"), "cka": ("lambda_p", "lambda_l", "cka_estimator"),
+    "pl-distill": ("lambda_p", "lambda_l", "cka_estimator"),
+}
+# Each weight's type and default. cka_estimator: biased = AW-CKA as in the paper (weighted HSIC with its
+# diagonal); debiased = the weighted U-statistic of Song et al.'s unbiased HSIC (no inflation when T is small
+# against the width).
+_WEIGHTS: dict[str, tuple[Any, Any]] = {"lambda_p": (NonNegative, 1.0), "lambda_l": (NonNegative, 1.0),
+                                        "cka_estimator": (Literal["biased", "debiased"], "biased")}
+
+
+def _weights_of(method: str) -> type:
+    """The settings class of one method's weights: a field for each weight its terms read and no other,
+    so a weight the method would ignore is refused as an unknown setting."""
+    names = METHOD_WEIGHTS[method]
+    namespace = {"__annotations__": {k: _WEIGHTS[k][0] for k in names}, **{k: _WEIGHTS[k][1] for k in names}}
+    return settings(type(f"Weights_{method.replace('-', '_')}", (), namespace))
+
+
+_WEIGHT_CLASSES = {method: _weights_of(method) for method in METHOD_WEIGHTS}
+# `pl-distill` is no Python name: the methods' weights are a mapping keyed by method, typed per key
+Weights = TypedDict("Weights", _WEIGHT_CLASSES)  # type: ignore[misc]
+Weights.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
+
+
+def _every_method(value: Any) -> Any:
+    """A method left out (or given as an empty key, `ce:`) takes its default weights."""
+    if not isinstance(value, dict):
+        return value
+    return {**{m: {} for m in METHOD_WEIGHTS}, **{m: {} if w is None else w for m, w in value.items()}}
+
+
 @settings
 class DistillParams:
-    lambda_p: NonNegative = 1.0
-    lambda_l: NonNegative = 1.0
-    # biased: AW-CKA as in the paper (weighted HSIC with its diagonal); debiased: the weighted
-    # U-statistic of Song et al.'s unbiased HSIC (no inflation when T is small against the width)
-    cka_estimator: Literal["biased", "debiased"] = "biased"
+    weights: Annotated[Weights, BeforeValidator(_every_method)] = dataclasses.field(
+        default_factory=lambda: {m: cls() for m, cls in _WEIGHT_CLASSES.items()})
     epochs: Count = 20
     patience: NonNegativeInt = 0  # stop after this many epochs without a better validation UA (0 = never)
     refit: bool = False  # then retrain on train + validation for the best epoch count (no validation left)
@@ -177,6 +231,9 @@ class DistillParams:
     method: MethodName = "pl-distill"  # the default of `pldistill distill`; the pipeline runs every one in `methods`
     loader_workers: NonNegativeInt = 0  # DataLoader worker processes reading the cache
     teacher_memory_mb: NonNegativeInt = 1024  # the teacher's constants of the training clips kept up to this size
+    # the share of the fold's training clips whose labels the student sees (chosen per class, at least one each):
+    # CE reads only those; the distillation terms read every training clip (the rest are a transfer set)
+    label_fraction: Annotated[float, _numeric, Field(strict=True, gt=0, le=1, allow_inf_nan=False)] = 1.0
 
 
 @settings
@@ -215,6 +272,7 @@ class Params:
     preprocess: PreprocessParams = dataclasses.field(default_factory=PreprocessParams)
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
     pretrain_encoder: PretrainEncoderParams = dataclasses.field(default_factory=PretrainEncoderParams)
+    pretrain_teacher: PretrainTeacherParams = dataclasses.field(default_factory=PretrainTeacherParams)
     train_teacher: TrainTeacherParams = dataclasses.field(default_factory=TrainTeacherParams)
     cache: CacheParams = dataclasses.field(default_factory=CacheParams)
     distill: DistillParams = dataclasses.field(default_factory=DistillParams)
@@ -228,6 +286,9 @@ class Params:
 PREPROCESS_KEYS = ("sample_rate", "max_seconds", "min_seconds", "long_clips", "trim_silence", "trim_db",
                    "normalize_loudness", "target_dbfs")
 CACHE_KEYS = ("attention_layer", "top_k", "temperature", "projector_targets")
+# What distill reads of its section besides its own method's weights (`method` only names the method
+# `pldistill distill` trains when --method is not given, which the CLI resolves before the stage runs).
+DISTILL_KEYS = tuple(f.name for f in dataclasses.fields(DistillParams) if f.name not in ("weights", "method"))
 
 
 def preprocessing(params: Params) -> dict[str, Any]:
@@ -257,11 +318,28 @@ def _key(loc: tuple) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
+def _misplaced_weight(loc: tuple) -> str | None:
+    """Why a loss weight is refused where it was written, if it is one: directly under `distill` (weights are
+    set per method), or under a method that has no term it weights."""
+    *path, name = loc
+    if name not in _WEIGHTS:
+        return None
+    users = ", ".join(m for m, names in METHOD_WEIGHTS.items() if name in names)
+    if path == ["distill"]:
+        return f"`distill.{name}` is set per method: `distill.weights.<method>.{name}` (methods using it: {users})"
+    if path[:2] == ["distill", "weights"] and len(path) == 3:
+        return f"`{_key(loc)}`: {path[2]} has no term that {name} weights (methods using it: {users}); remove it"
+    return None
+
+
 def describe(error: ValidationError, where: str) -> str:
     """The first problem of a pydantic error as one line: the key, the value, what is allowed."""
     first = error.errors()[0]
     key, value = _key(first["loc"]), first.get("input")
     if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        misplaced = _misplaced_weight(first["loc"])
+        if misplaced:
+            return f"{where}: {misplaced}"
         return f"{where}: unknown setting `{key}`; check its spelling (README lists every setting)"
     if first["type"] == "value_error":
         return f"{where}: {f'`{key}` ' if key else ''}{first['msg'].removeprefix('Value error, ')}"
@@ -372,9 +450,12 @@ class Restricted:
             raise UndeclaredParams(f"stage `{self._stage}` reads all of `{name}` but declares only some of its keys")
         return dataclasses.asdict(value)
 
-    # mappings (corpora): names may be listed, only declared entries read
+    # mappings (corpora, distill.weights): names may be listed, only declared entries read
     def get(self, name: str, default: Any = None) -> Any:
         return self._read(name) if name in self._value else default
+
+    def __getitem__(self, name: str) -> Any:
+        return self._read(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._value

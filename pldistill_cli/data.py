@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -140,3 +141,17 @@ def length_sorted_batches(lengths: Sequence[float], batch_size: int) -> list[lis
     """Batches of clips of similar length (less padding), in length order."""
     order = np.argsort(np.asarray(lengths), kind="stable")
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def labelled_clips(ids: Sequence[str], labels: Sequence[str], fraction: float) -> np.ndarray:
+    """Which clips keep their label when only `fraction` of them may: in each class, round(fraction x n) of
+    its n clips (at least one), those first in the order of sha256(id). The choice depends on the clip ids
+    only (not on their order or any seed: every method and seed sees the same labels), and a larger
+    fraction keeps a superset."""
+    keys = [hashlib.sha256(i.encode()).hexdigest() for i in ids]
+    kept = np.zeros(len(ids), dtype=bool)
+    for label in set(labels):
+        members = sorted((k, j) for j, (k, l) in enumerate(zip(keys, labels)) if l == label)
+        for _, j in members[: max(1, round(fraction * len(members)))]:
+            kept[j] = True
+    return kept

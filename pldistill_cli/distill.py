@@ -11,17 +11,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .cache import CachedTargets, TeacherCache, expected_meta
 from .checkpoints import load_student_llm
-from .config import Params, fingerprint, preprocessing
+from .config import DISTILL_KEYS, Params, fingerprint, preprocessing
+from .data import labelled_clips
 from .errors import PldistillError
 from .forward import score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels
-from .methods import METHODS, Method, TargetCollate, Teacher, distillation_terms
+from .methods import METHODS, Method, TargetCollate, Teacher, distillation_terms, weighted
 from .metrics import classification_metrics
 from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
                      environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
@@ -47,19 +49,15 @@ def predict_cached(student, prompt: PromptLayout, targets: CachedTargets, rows: 
     return [predictions[i] for i in rows]
 
 
-def probe(student, batch: dict, method: Method, teacher: Teacher, p, adapter, device) -> dict[str, float]:
+def probe(student, batch: dict, method: Method, teacher: Teacher, lambda_p: float, lambda_l: float, adapter,
+          device) -> dict[str, float]:
     """Whether each distillation term is alive, on one fixed training batch: its value, and the norm of
     its (weighted) gradient on the trainable parameters beside CE's (the report's diagnostics)."""
     params = [x for x in student.parameters() if x.requires_grad]
     with autocast(device):
-        terms = distillation_terms(student, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l, adapter)
-    weighted = {"ce": terms["ce"]}
-    if "cka" in terms or "mse" in terms:
-        weighted["projector"] = p.lambda_p * ((1 - terms["cka"]) if "cka" in terms else terms["mse"])
-    if "kl" in terms:
-        weighted["kl"] = p.lambda_l * terms["kl"]
+        terms = distillation_terms(student, _to(batch, device), method, teacher, lambda_p, lambda_l, adapter)
     out = {f"probe_{k}": float(v.detach()) for k, v in terms.items() if k != "loss"}
-    for name, value in weighted.items():
+    for name, value in weighted(terms, lambda_p, lambda_l).items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
         out[f"grad_{name}"] = float(torch.sqrt(sum(g.float().square().sum() for g in grads if g is not None)))
     return out
@@ -87,6 +85,17 @@ def teacher_constants(targets: CachedTargets, method: Method, teacher: Teacher, 
                 rows = [kept(r) for r in rows]
             rows[i] = kept(row)
     targets.constants = rows
+
+
+def with_labels(targets: CachedTargets, method: Method, fraction: float) -> CachedTargets:
+    """Mark the training clips whose labels CE may read (data.labelled_clips; validation clips keep theirs:
+    they choose the epoch). A method without distillation terms trains on those clips only: it has nothing
+    to learn from the others."""
+    rows = targets.rows
+    train = (rows["split"] == "train").to_numpy()
+    targets.labelled = np.ones(len(rows), dtype=bool)
+    targets.labelled[train] = labelled_clips(rows["id"][train].tolist(), rows["label"][train].tolist(), fraction)
+    return targets if method.projector or method.kl else targets.subset(targets.labelled)
 
 
 def _to(batch: dict, device) -> dict:
@@ -150,6 +159,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     seed = params.seed if seed is None else seed
     name = student_name(method_name, seed)
     method = METHODS[method_name]
+    weights = dataclasses.asdict(p.weights[method_name])  # only the weights of the method's terms
+    lambda_p, lambda_l = weights.get("lambda_p", 0.0), weights.get("lambda_l", 0.0)  # 0.0: a term it lacks
     device = resolve_device(p.device)
     processes = start_processes(device, params.world_size)
     labels = manifest_labels(layout.manifest(dataset))
@@ -163,11 +174,12 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     columns = method.columns
     if cache.meta.cache["projector_targets"] == "gram" and method.projector in ("aw_cka", "cka"):
         columns += ("gram",)
-    train, validation = cache.split("train", columns), cache.split("validation", columns)
+    train = with_labels(cache.split("train", columns), method, p.label_fraction)
+    validation = cache.split("validation", columns)
     if not len(train) or not len(validation):
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
     teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
-                         p.cka_estimator)
+                         weights.get("cka_estimator", "biased"))
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
     vocab = student.model.config.text_config.vocab_size
     teacher_constants(train, method, teacher, prompt, p.batch_size, vocab, p.teacher_memory_mb)
@@ -175,7 +187,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     trainable = sum(x.numel() for x in student.model.parameters() if x.requires_grad)
     console.print(f"student ({params.model.preset}, {method_name}): {count_parameters(student.model):,} parameters "
                   f"(shared storage counted once), {trainable:,} trainable; {len(train)} train / "
-                  f"{len(validation)} validation cached clips; {processes.num_processes} process(es)")
+                  f"{len(validation)} validation cached clips ({int(train.labelled.sum())} of the training clips with their label); "
+                  f"{processes.num_processes} process(es)")
     collate = TargetCollate(prompt)
 
     def batches(rows: CachedTargets):
@@ -187,7 +200,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     def step(s: Student) -> TrainingStep:
         def terms(batch: dict) -> dict[str, torch.Tensor]:
             with autocast(device):
-                return distillation_terms(s.model, _to(batch, device), method, teacher, p.lambda_p, p.lambda_l,
+                return distillation_terms(s.model, _to(batch, device), method, teacher, lambda_p, lambda_l,
                                           s.adapter)
         return TrainingStep(s.trained, terms)
 
@@ -197,10 +210,12 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
         predict = lambda rows: predict_cached(student.model, prompt, validation, rows, p.batch_size, device)  # noqa: E731
         return classification_metrics(truth, sharded_predictions(len(truth), predict, processes), labels)["ua"]
 
-    probe_batch = collate([train[i] for i in train.batches(p.batch_size)[0]])  # the same batch every epoch
+    # the same batch every epoch: the first that holds a labelled clip (the gradients are shares of CE's)
+    probe_batch = collate([train[i] for i in next(b for b in train.batches(p.batch_size) if train.labelled[b].any())])
     made_by = ModelMeta(
         "distill", dataset, fold, labels, prompt.text, params.model.preset, seed,
-        {"distill": params.section("distill"), "model": params.section("model"), "preprocess": preprocessing(params)},
+        {"distill": {**{k: getattr(p, k) for k in DISTILL_KEYS}, "weights": {method_name: weights}},
+         "model": params.section("model"), "preprocess": preprocessing(params)},
         environment(device), method=method_name,
         student_llm=student.origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
     work = layout.work(dataset, fold, name)
@@ -208,10 +223,11 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     run_id = fingerprint(dataclasses.asdict(made_by))
     result = train_with_validation(step(student), batches(train), validate, settings, len(batches(train)(0)), work,
                                    run_id, f"distill {name} {dataset} fold {fold}",
-                                   lambda: probe(student.model, probe_batch, method, teacher, p, student.adapter, device))
+                                   lambda: probe(student.model, probe_batch, method, teacher, lambda_p, lambda_l,
+                                                 student.adapter, device))
     refit = None
     if p.refit:  # the chosen epoch count, from the same start, on train + validation
-        everything = cache.split(("train", "validation"), columns)
+        everything = with_labels(cache.split(("train", "validation"), columns), method, p.label_fraction)
         teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size, vocab, p.teacher_memory_mb)
         student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
         refit = retrain(step(student), batches(everything), settings, result, len(batches(everything)(0)), work, run_id,

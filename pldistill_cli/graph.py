@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import CACHE_KEYS, PREPROCESS_KEYS
+from .config import CACHE_KEYS, DISTILL_KEYS, PREPROCESS_KEYS
 from .layout import REPORT_FILES, Layout
 
 PACKAGE = Path(__file__).resolve().parent
@@ -32,6 +32,7 @@ AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "se
 _L = Layout()
 _RUN = "student-{method}-s{seed}"
 ENCODER = str(_L.encoder())
+TEACHER_INIT = str(_L.teacher_init())
 PREPARED = str(_L.prepared("{dataset}"))
 TEACHER = str(_L.teacher("{dataset}", "{fold}"))
 CACHE = str(_L.cache("{dataset}", "{fold}"))
@@ -64,19 +65,25 @@ class Stage:
 
 _PRE = tuple(f"preprocess.{k}" for k in PREPROCESS_KEYS)
 _CACHE = tuple(f"cache.{k}" for k in CACHE_KEYS)
+# a student's method reads its own loss weights only (DVC gives a matrix stage one params list for all its rows,
+# so the method's row is a key of it): a weight re-runs only the students of the methods that use it
+_DISTILL = (*(f"distill.{k}" for k in DISTILL_KEYS), "distill.weights.{method}")
 STAGES: dict[str, Stage] = {
     "pretrain-encoder": Stage("pretrain-encoder", "pretrain_encoder", (),
                               ("seed", "cpu_threads", "model.preset", "pretrain_encoder"), outs=(ENCODER,)),
+    "pretrain-teacher": Stage("pretrain-teacher", "pretrain_teacher", (),
+                              ("seed", "cpu_threads", "model.preset", "pretrain_teacher"), deps=(ENCODER,),
+                              outs=(TEACHER_INIT,)),
     "preprocess": Stage("preprocess", "preprocess", ("dataset",), ("seed", "corpora.{dataset}", "preprocess"),
                         outs=(PREPARED,)),
     "train-teacher": Stage("train-teacher", "train_teacher", ("dataset", "fold"),
                            ("seed", "cpu_threads", "world_size", "model", "train_teacher", *_PRE),
-                           deps=(PREPARED, ENCODER), outs=(TEACHER,), launcher=True),
+                           deps=(PREPARED, ENCODER, TEACHER_INIT), outs=(TEACHER,), launcher=True),
     "cache-teacher": Stage("cache-teacher", "cache_teacher", ("dataset", "fold"),
                            ("cpu_threads", "world_size", "model.dtype", "cache", *_PRE),
                            deps=(PREPARED, TEACHER), outs=(CACHE,), launcher=True),
     "distill": Stage("distill", "distill", ("dataset", "fold", "method", "seed"),
-                     ("cpu_threads", "world_size", "model", "distill", *_CACHE, *_PRE),
+                     ("cpu_threads", "world_size", "model", *_DISTILL, *_CACHE, *_PRE),
                      deps=(PREPARED, TEACHER, CACHE), outs=(STUDENT,), launcher=True),
     "evaluate-teacher": Stage("evaluate --model teacher", "evaluate", ("dataset", "fold"),
                               ("seed", "cpu_threads", "model.dtype", "evaluate", "cache.attention_layer",
@@ -205,8 +212,8 @@ def dvc_stage(stage: Stage) -> dict:
 
 HEADER = """\
 # Generated from pldistill_cli/graph.py by `python -m pldistill_cli.graph`: do not edit by hand (a test
-# checks it is current). The pipeline pretrain-encoder, preprocess -> train-teacher -> cache-teacher -> distill ->
-# evaluate -> report, over every dataset x fold (x method x seed) listed in params.yaml. Code
+# checks it is current). The pipeline pretrain-encoder -> pretrain-teacher, preprocess -> train-teacher ->
+# cache-teacher -> distill -> evaluate -> report, over every dataset x fold (x method x seed) in params.yaml. Code
 # dependencies are each stage's import closure; params are exactly the keys each stage reads.
 # Outputs stay out of DVC's cache (cache: false) and are replaced atomically by their stage
 # (persist: true); interrupted stages resume from data/work/, which no stage declares.

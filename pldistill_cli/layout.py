@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-REPORT_FILES = ("report.md", "report.html", "training_curves.csv", "figures")  # what the report stage owns in report/
+REPORT_FILES = ("report.md", "report.html", "training_curves.csv", "predictions.csv", "figures")  # what the report stage owns in report/
 
 
 def student_name(method: str, seed: int) -> str:
@@ -27,6 +27,10 @@ class Layout:
     def encoder(self) -> Path:
         """The pretrained audio encoder that every teacher of a preset built from configs starts from."""
         return self.data / "encoder"
+
+    def teacher_init(self) -> Path:
+        """The pretrained teacher (pretrain-teacher) that every fold's teacher of a preset built from configs starts from."""
+        return self.data / "teacher-init"
 
     def prepared(self, dataset: str) -> Path:
         return self.data / "prepared" / dataset

@@ -34,6 +34,7 @@ class TargetCollate:
         out = {
             "index": torch.tensor([i["index"] for i in items]),
             "labels": [i["label"] for i in items],
+            "labelled": torch.tensor([i.get("labelled", True) for i in items]),
             "encoded": torch.zeros(b, t_max, items[0]["encoded"].shape[1]),
             "lengths": torch.tensor(lengths),
             "input_ids": torch.full((b, s_max), self.prompt.pad_id, dtype=torch.long),
@@ -60,7 +61,9 @@ class TargetCollate:
             out["input_ids"][j, :s] = item["input_ids"]
             out["attention_mask"][j, :s] = 1
             out["answer_mask"][j, s - 1 - a : s - 1] = True
-            out["kl_mask"][j, : s - 1] = True
+            # a clip without its label: no position that reads an answer token (the prediction of the first
+            # is the last), so nothing learned from it depends on its label
+            out["kl_mask"][j, : s - 1 if item.get("labelled", True) else s - a] = True
             for key, width in (("attention", t), ("topk_ids", s - 1), ("topk_logprobs", s - 1)):
                 if key in out:
                     out[key][j, :width] = item[key]
@@ -75,6 +78,14 @@ class Method:
 
     kl: str | None  # None | "answer" (KD: answer positions) | "all" (LDist: audio + text positions)
     projector: str | None  # None | "aw_cka" | "cka" (uniform weights) | "fitnets" (MSE via a learned adapter)
+
+    @property
+    def weights(self) -> tuple[str, ...]:
+        """The settings that weight its terms (`distill.weights.<method>` in params.yaml; config.METHOD_WEIGHTS
+        mirrors them without importing torch): lambda_p the projector term, lambda_l the KL, and
+        cka_estimator the estimator of a CKA term."""
+        return (("lambda_p",) * bool(self.projector) + ("lambda_l",) * bool(self.kl)
+                + ("cka_estimator",) * (self.projector in ("aw_cka", "cka")))
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -155,21 +166,34 @@ class Teacher:
         return out
 
 
+def weighted(terms: dict[str, torch.Tensor], lambda_p: float, lambda_l: float) -> dict[str, torch.Tensor]:
+    """The summands of the loss from a method's terms: CE, lambda_P (1 - CKA) (or lambda_P MSE for FitNets) and
+    lambda_L KL, each where the method has that term (their sum is the loss; distill's probe weighs each)."""
+    out = {"ce": terms["ce"]}
+    if "cka" in terms:
+        out["projector"] = lambda_p * (1 - terms["cka"])
+    elif "mse" in terms:
+        out["projector"] = lambda_p * terms["mse"]
+    if "kl" in terms:
+        out["kl"] = lambda_l * terms["kl"]
+    return out
+
+
 def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, lambda_p: float, lambda_l: float,
                        adapter: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The method's loss terms and their weighted sum for one batch of cached targets:
-    loss = CE + lambda_P (1 - CKA) (or lambda_P MSE for FitNets) + lambda_L KL."""
+    loss = CE + lambda_P (1 - CKA) (or lambda_P MSE for FitNets) + lambda_L KL (`weighted`)."""
     hidden, projected, _ = forward_from_encoder(student, batch["encoded"], batch["lengths"], batch["input_ids"],
                                                 batch["attention_mask"], logits=False)
     head = student.get_output_embeddings()  # the LM head: logits only where a term reads them
-    terms = {"ce": answer_cross_entropy(hidden, head, batch["input_ids"], batch["answer_mask"])}
-    loss = terms["ce"]
+    answers = batch["answer_mask"] & batch["labelled"][:, None]  # CE reads only the clips with their label
+    terms = {"ce": answer_cross_entropy(hidden, head, batch["input_ids"], answers) if answers.any()
+             else hidden.sum() * 0}
     if method.projector:
         mask = step_mask(batch["lengths"], projected.shape[1])
         if method.projector == "fitnets":
             error = (adapter(projected.float()) - teacher.features(batch["encoded"])).square().mean(-1)
             terms["mse"] = (error * mask).sum() / mask.sum()
-            loss = loss + lambda_p * terms["mse"]
         else:
             if "gram" in batch:  # a gram cache: the teacher side is its raw Gram K = Z Z^T
                 cka = aw_cka_gram(projected, batch["gram"], teacher.cka_weights(method, batch, mask), mask,
@@ -177,10 +201,9 @@ def distillation_terms(student, batch: dict, method: Method, teacher: Teacher, l
             else:  # exact, in encoder space: never forms Z_T
                 cka = aw_cka_teacher(projected, teacher.side(method, batch))
             terms["cka"] = cka.mean()
-            loss = loss + lambda_p * (1 - terms["cka"])
     if method.kl:
-        positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1]
+        positions = batch["kl_mask"] if method.kl == "all" else batch["answer_mask"][:, :-1] & batch["kl_mask"]
         terms["kl"] = linear_kl(hidden[:, :-1], head.weight, teacher.kl(batch, head.weight.shape[0]), positions,
                                 teacher.temperature)
-        loss = loss + lambda_l * terms["kl"]
-    return {"loss": loss, **terms}
+    ce, *others = weighted(terms, lambda_p, lambda_l).values()
+    return {"loss": sum(others, ce), **terms}  # CE + projector + KL, added in this order

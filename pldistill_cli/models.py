@@ -8,12 +8,13 @@ smaller LLM; it always uses the teacher's processor (tokenizer, feature extracto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional, TypeVar
 
 import torch
 from transformers import (
@@ -32,7 +33,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as validated
 
 from .checkpoints import Checkpoint, resolve_checkpoint, weights_fingerprint
-from .config import fingerprint
+from .config import Params, fingerprint
 from .errors import PldistillError
 from .files import fresh_folder, replace_folder, write_json
 from .labels import LABEL_SETS
@@ -295,58 +296,119 @@ def _read_meta(cls, folder: Path, what: str, maker: str = "the stage that made i
         raise PldistillError(f"{path}: not a valid {what} description; re-run {maker}") from None
 
 
-ENCODER_FILE = "encoder.safetensors"
-
-
 @validated(frozen=True)
-class EncoderMeta:
-    """pldistill.json of the pretrained encoder's folder (Layout.encoder): written by pretrain-encoder,
-    read by train-teacher through pretrained_encoder."""
+class PretrainingMeta:
+    """pldistill.json of a pretraining stage's folder (STAGE writes it, train-teacher reads it): what made it,
+    and whether it pretrained (then WEIGHTS_FILE holds the weights), kept the random start (COUNT 0) or
+    leaves it to the hub checkpoint."""
 
-    source: Literal["pretrained", "random", "checkpoint"]  # random: clips 0; checkpoint: model.preset hub
+    STAGE: ClassVar[str]
+    WHAT: ClassVar[str]  # what the folder is, in error messages
+    COUNT: ClassVar[str]  # the stage's setting that is 0 to keep the random start
+    WEIGHTS_FILE: ClassVar[str]
+    source: Literal["pretrained", "random", "checkpoint"]  # random: COUNT 0; checkpoint: model.preset hub
     preset: str
     seed: int
-    params: dict[str, Any]  # the pretrain_encoder settings
+    params: dict[str, Any]  # the stage's settings
     versions: dict[str, str]
-    clips: int = 0  # pretraining utterances, held-out ones included
-    held_out: dict[str, float] = dataclasses.field(default_factory=dict)  # R^2 per prosody target, tune accuracy
     best_epoch: Optional[int] = None
     history: tuple[dict[str, float], ...] = ()
     weights: Optional[str] = None  # hash of the weights, set when saved
 
-    def write(self, folder: Path) -> None:
-        write_json(folder / METADATA_FILE, dataclasses.asdict(self))
+
+@validated(frozen=True)
+class EncoderMeta(PretrainingMeta):
+    """pretrain-encoder's record (Layout.encoder), read by train-teacher through pretrained_encoder."""
+
+    STAGE: ClassVar[str] = "pretrain-encoder"
+    WHAT: ClassVar[str] = "encoder"
+    COUNT: ClassVar[str] = "clips"
+    WEIGHTS_FILE: ClassVar[str] = "encoder.safetensors"  # the audio tower's weights
+    clips: int = 0  # pretraining utterances, held-out ones included
+    held_out: dict[str, float] = dataclasses.field(default_factory=dict)  # R^2 per prosody target, tune accuracy
 
 
-def save_encoder(folder: Path, weights: Optional[dict[str, torch.Tensor]], meta: EncoderMeta) -> EncoderMeta:
-    """The encoder's weights (if any) and metadata, swapped in whole; returns the metadata as saved."""
+@validated(frozen=True)
+class TeacherInitMeta(PretrainingMeta):
+    """pretrain-teacher's record (Layout.teacher_init), read by train-teacher through pretrained_teacher."""
+
+    STAGE: ClassVar[str] = "pretrain-teacher"
+    WHAT: ClassVar[str] = "pretrained teacher"
+    COUNT: ClassVar[str] = "voices"
+    WEIGHTS_FILE: ClassVar[str] = "teacher.safetensors"  # every weight: encoder, projector, LLM
+    encoder: Optional[str] = None  # weights hash of the pretrained encoder it was trained on
+    labels: tuple[str, ...] = ()  # the label words of its prompt, in prompt order
+    clips: int = 0  # pool utterances, validation ones included
+    validation_ua: Optional[float] = None
+
+
+Pretrained = TypeVar("Pretrained", bound=PretrainingMeta)  # what a pretraining stage records
+
+
+def save_pretrained(folder: Path, weights: Optional[dict[str, torch.Tensor]], meta: Pretrained) -> Pretrained:
+    """A pretraining stage's weights (if any) and metadata, swapped in whole; returns the metadata as saved."""
     from safetensors.torch import save_file
 
     tmp = fresh_folder(folder)
     if weights is not None:
-        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / ENCODER_FILE))
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / meta.WEIGHTS_FILE))
     meta = dataclasses.replace(meta, weights=weights_fingerprint(tmp))
-    meta.write(tmp)
+    write_json(tmp / METADATA_FILE, dataclasses.asdict(meta))
     replace_folder(tmp, folder)
     return meta
 
 
-def pretrained_encoder(folder: Path, preset: str) -> tuple[EncoderMeta, Optional[dict[str, torch.Tensor]]]:
-    """What pretrain-encoder made for `preset`: its metadata and, if it pretrained one, the weights."""
+def begin_pretraining(cls: type[Pretrained], params: Params, folder: Path, device: torch.device
+                      ) -> tuple[dict[str, Any], Optional[Pretrained]]:
+    """The start of a pretraining stage (`cls.STAGE`): what its record says made it (preset, seed, the stage's
+    settings), and, when there is nothing to train, that record, saved. model.preset hub's checkpoint comes
+    pretrained (source checkpoint), and `cls.COUNT` 0 keeps the preset's random start (source random): either
+    way the folder records only which, without weights. None when there is something to train."""
+    made_by = dict(preset=params.model.preset, seed=params.seed, params=params.section(cls.STAGE.replace("-", "_")))
+    hub = params.model.preset == "hub"
+    if not hub and made_by["params"][cls.COUNT]:
+        return made_by, None
+    from .ui import console
+
+    console.print(f"{cls.WHAT}: the checkpoint's (pretrained)" if hub else f"{cls.WHAT}: random ({cls.COUNT} 0)")
+    meta = cls(source="checkpoint" if hub else "random", versions=environment(device), **made_by)
+    return made_by, save_pretrained(folder, None, meta)
+
+
+def read_pretrained(cls: type[Pretrained], folder: Path, preset: str
+                    ) -> tuple[Pretrained, Optional[dict[str, torch.Tensor]]]:
+    """What `cls.STAGE` made for `preset`: its metadata and, if it pretrained one, the weights. A record made
+    for another preset, or missing or unreadable, is one error line that says to re-run the stage."""
     from safetensors.torch import load_file
 
-    redo = "`pldistill pretrain-encoder`"
-    meta = _read_meta(EncoderMeta, folder, "encoder", redo)
+    redo = f"`pldistill {cls.STAGE}`"
+    meta = _read_meta(cls, folder, cls.WHAT, redo)
     if meta.preset != preset:
         raise PldistillError(f"{folder}: pretrained for model.preset {meta.preset}, not {preset}; run {redo}")
     if meta.source != "pretrained":
         return meta, None
     with unreadable(folder):
-        return meta, load_file(str(folder / ENCODER_FILE))
+        return meta, load_file(str(folder / cls.WEIGHTS_FILE))
+
+
+def pretrained_encoder(folder: Path, preset: str) -> tuple[EncoderMeta, Optional[dict[str, torch.Tensor]]]:
+    """What pretrain-encoder made for `preset`: its metadata and, if it pretrained one, the weights."""
+    return read_pretrained(EncoderMeta, folder, preset)
+
+
+def pretrained_teacher(folder: Path, preset: str, encoder: Optional[str]
+                       ) -> tuple[TeacherInitMeta, Optional[dict[str, torch.Tensor]]]:
+    """What pretrain-teacher made for `preset` on the encoder whose weights hash is `encoder` (data/encoder's):
+    its metadata and, if it pretrained one, the teacher's weights (every weight: encoder, projector, LLM)."""
+    meta, weights = read_pretrained(TeacherInitMeta, folder, preset)
+    if weights is not None and meta.encoder != encoder:
+        raise PldistillError(f"{folder}: pretrained on another encoder than data/encoder's; "
+                             f"run `pldistill {meta.STAGE}`")
+    return meta, weights
 
 
 def environment(device: torch.device | str) -> dict[str, str]:
-    """The versions and device that made an output: the same ones reproduce it bit for bit."""
+    """The versions, device and CPU kernels that made an output: the same ones reproduce it bit for bit."""
     import platform
 
     import numpy
@@ -354,7 +416,31 @@ def environment(device: torch.device | str) -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": numpy.__version__, "device": str(device),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu_kernels": cpu_kernels()}
+
+
+@functools.cache
+def cpu_kernels() -> str:
+    """A hash of one AdamW step of the tiny teacher on fixed inputs, on this CPU with the current thread
+    count. MKL, oneDNN and ATen's vector code choose their kernels by CPU, and those round differently:
+    with the same versions, two machines reproduce each other's outputs bit for bit where this agrees
+    (an AVX-512 Xeon and an older one differ from the first epoch on). `.ci/run` compares it."""
+    import hashlib
+
+    with torch.random.fork_rng():
+        model, _ = build_teacher(get_preset("tiny"), seed=0)
+        inner = model.model
+        features, ids = torch.randn(2, 128, 400), torch.randint(0, model.config.text_config.vocab_size, (2, 16))
+        audio = inner.multi_modal_projector(inner.audio_tower(features).last_hidden_state)
+        embeds = torch.cat([audio, inner.get_input_embeddings()(ids)], 1)
+        logits = model.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
+        loss = torch.nn.functional.cross_entropy(logits[:, -16:-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+        digest = hashlib.sha256(loss.detach().numpy().tobytes())
+        for weight in model.parameters():
+            digest.update(weight.detach().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 LOAD_ONLY = ("local_files_only", "is_local")  # how a tokenizer was loaded (HF_HUB_OFFLINE, a local folder), not what it is

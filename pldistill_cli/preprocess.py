@@ -102,26 +102,30 @@ def _signature(path: Path, settings_fp: str) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}:{settings_fp}"
 
 
-def _same(a: SourceItem, b: SourceItem) -> bool:
-    return a.label == b.label and a.speaker == b.speaker
-
-
-def _dedupe(items: list[SourceItem], key, what: str, excluded: Counter) -> list[SourceItem]:
-    """Keep the first of items with the same key; a repeat with another label or speaker is an error."""
+def _dedupe(items: list[SourceItem], key, what: str, excluded: Counter, twins: list[str] | None = None) -> list[SourceItem]:
+    """Keep the first of items with the same key; a repeat with another label or speaker is an error. A repeat
+    that agrees on both is left out and counted, unless `twins` is given and it is in the same folds too: then
+    it is kept and named there (a corpus's protocol may list two files of identical audio, as RAVDESS does;
+    keeping both makes the folds match the protocol to the clip, and the same folds keep it on one side of
+    every split)."""
     first: dict = {}
     kept = []
     for item in items:
         k = key(item)
-        if k is None or k not in first:
+        other = first.get(k)
+        if k is None or other is None:
             first.setdefault(k, item)
             kept.append(item)
-        elif _same(first[k], item):
-            excluded[f"duplicate ({what})"] += 1
-        else:
-            other = first[k]
+        elif (item.label, item.speaker) != (other.label, other.speaker):
             raise PldistillError(f"{item.source_path} ({item.label}, speaker {item.speaker}) and {other.source_path} "
                                  f"({other.label}, speaker {other.speaker}) are the same {what} with different labels "
                                  "or speakers; keep one of them in the corpus")
+        elif twins is not None and (item.fold, item.validation_fold) == (other.fold, other.validation_fold):
+            twins.append(f"{item.source_path} and {other.source_path} hold the same {what} (speaker {item.speaker}, "
+                         f"{item.label}, fold {item.fold}): both kept, as the corpus lists both")
+            kept.append(item)
+        else:
+            excluded[f"duplicate ({what})"] += 1
     return kept
 
 
@@ -203,7 +207,8 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
     missing_set = set(missing)
     present = [i for i in items if str(i.source_path) not in missing_set]
     _condition_all(todo, settings, index, index_file, len(present) - len(todo), len(present), dataset)
-    present = _dedupe(present, lambda i: index[i.utt_id]["sha"], "audio content", excluded)
+    twins: list[str] = []
+    present = _dedupe(present, lambda i: index[i.utt_id]["sha"], "audio content", excluded, twins)
 
     rows, quarantine, truncated = [], [], 0
     for item in present:
@@ -223,7 +228,7 @@ def preprocess(dataset: str, params: Params, layout: Layout = Layout(), root: Pa
                              f"missing); first: {(quarantine[0]['path'] + ': ' + quarantine[0]['reason']) if quarantine else missing[0]}")
     manifest = pd.DataFrame(rows)
     _check_labels(set(manifest["label"]), where, f" after {len(quarantine)} unusable files were skipped")
-    warnings = split_warnings(manifest, dataset)
+    warnings = split_warnings(manifest, dataset) + twins
     counts = {label: int(n) for label, n in Counter(manifest["label"]).most_common()}
     excluded = {reason: n for reason, n in sorted(excluded.items())}
     summary = {

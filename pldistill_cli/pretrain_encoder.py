@@ -20,7 +20,7 @@ from .config import Params, fingerprint
 from .datasets.synthetic import PROSODY_TARGETS, SAMPLE_RATE, plan_pretraining, prosody_targets, synthesize
 from .forward import audio_features, encode_audio, step_mask
 from .layout import Layout
-from .models import EncoderMeta, build_teacher, environment, get_preset, save_encoder
+from .models import EncoderMeta, begin_pretraining, build_teacher, environment, get_preset, save_pretrained
 from .training import LoopSettings, TrainingStep, finish_work, resolve_device, seed_everything, shuffled_batches, \
     train_with_validation
 from .ui import console, progress
@@ -40,14 +40,10 @@ def pooled(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
-    p = params.pretrain_encoder
-    preset = params.model.preset
-    made_by = dict(preset=preset, seed=params.seed, params=params.section("pretrain_encoder"))
-    device = resolve_device(p.device)
-    if preset == "hub" or p.clips == 0:
-        source = "checkpoint" if preset == "hub" else "random"
-        console.print("encoder: the checkpoint's (pretrained)" if preset == "hub" else "encoder: random (clips 0)")
-        return save_encoder(layout.encoder(), None, EncoderMeta(source=source, versions=environment(device), **made_by))
+    p, preset, device = params.pretrain_encoder, params.model.preset, resolve_device(params.pretrain_encoder.device)
+    made_by, skipped = begin_pretraining(EncoderMeta, params, layout.encoder(), device)
+    if skipped is not None:
+        return skipped
 
     plan = plan_pretraining(params.seed, p.clips)
     model, processor = build_teacher(get_preset(preset), params.seed)
@@ -101,7 +97,7 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
     scores = {k: round(v, 4) for k, v in held_out().items()}  # of the kept (best) epoch
     meta = EncoderMeta(source="pretrained", versions=environment(device), clips=len(plan), held_out=scores,
                        best_epoch=result.best_epoch, history=tuple(result.history), **made_by)
-    meta = save_encoder(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
+    meta = save_pretrained(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
     finish_work(work)
     console.print(f"encoder: pretrained on {len(plan) - held} clips; held-out R^2 "
                   + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "tune")

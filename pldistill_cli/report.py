@@ -31,13 +31,15 @@ from .labels import PAPER_HEADLINES
 from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest
 from .methods import METHODS
-from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, paired_comparison
+from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, holm, smallest_p, speaker_paired_test
 from .models import ModelMeta
 from .prompt import PromptLayout
 
 CURVES = ("loss", "ce", "cka", "mse", "kl", "validation_ua")  # the per-epoch terms drawn
-BASELINE = "ce"  # every other method is compared with this one, clip by clip
-ALPHA = 0.05
+BASELINE = "ce"  # every other method is compared with this one, speaker by speaker
+KEY_CONTRAST = ("pl-distill", "kd")  # the paper's key contrast, compared too where both are trained
+ALPHA = 0.05  # on Holm-adjusted p-values: the chance of any false "significant" in a table
+PREDICTION_COLUMNS = ("dataset", "model", "fold", "seed", "id", "speaker", "label", "prediction")
 UNIFORM = 0.95  # attention whose effective steps exceed this share of T is (nearly) uniform
 SATURATED = 0.99  # CKA at or above this leaves 1 - CKA no room to teach
 FAINT = 0.05  # a term whose gradient is below this share of CE's barely moves the student
@@ -125,18 +127,122 @@ def _summary_row(runs: Runs, labels, seed: int, teacher_params: int | None) -> l
             len(d), pooled["unmatched"]]
 
 
-def _paired(student: Runs, baseline: Runs, seed: int) -> dict:
-    """The student against the baseline on the same test clips (same fold and seed): clip-level pairs."""
-    keys = ["fold", "seed", "id"]
-    both = student.predictions.merge(baseline.predictions[keys + ["prediction"]], on=keys, suffixes=("", "_base"))
-    return paired_comparison(both["label"], both["prediction"], both["prediction_base"], both["speaker"], seed=seed)
+def main_table(models: dict[str, Runs], references: dict[str, Runs], labels, seed: int,
+               teacher_params: int | None) -> list[str]:
+    """The main table: a `_summary_row` per model, then per reference (which has no size)."""
+    rows = [_summary_row(m, labels, seed, teacher_params) for m in models.values()]
+    rows += [[r.name, "-", "-", *_summary_row(r, labels, seed, None)[3:]] for r in references.values()]
+    return table(rows, ["model", "parameters", "compression", "WA", "UA", "macro-F1", "pooled UA [95% CI]", "runs",
+                        "unmatched"])
+
+
+def seed_averaged(runs: Runs) -> pd.DataFrame:
+    """Per test clip (fold, id): its speaker, its label and `correct`, the share of the model's runs on
+    that fold (its seeds) that got it right: seeds are repeated measures of a clip, not more clips."""
+    p = runs.predictions
+    return (p.assign(correct=(p["prediction"] == p["label"]).astype(float))
+            .groupby(["fold", "id", "speaker", "label"], as_index=False)["correct"].mean())
+
+
+def _paired(a: Runs, b: Runs, seed: int) -> dict:
+    """a against b on the same test clips, seeds averaged within each clip, tested over speakers
+    (`speaker_paired_test`); `clips` counts the clips both were tested on."""
+    both = seed_averaged(a).merge(seed_averaged(b), on=["fold", "id", "speaker", "label"], suffixes=("_a", "_b"))
+    result = speaker_paired_test(both["label"], both["correct_a"], both["correct_b"], both["speaker"], seed=seed,
+                                 alpha=ALPHA)
+    return {**result, "clips": len(both)}
+
+
+def comparison_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """Every other student against BASELINE, then KEY_CONTRAST, each where both of its sides were trained."""
+    pairs = [(m, BASELINE) for m in methods if m != BASELINE] if BASELINE in methods else []
+    return pairs + [KEY_CONTRAST] * set(KEY_CONTRAST).issubset(methods)
+
+
+def compare(models: dict[str, Runs], seed: int) -> list[tuple[str, str, dict]]:
+    """The paired results of `comparison_pairs` over the students, each with `p_holm`: its p adjusted by
+    Holm's step-down correction across all of them (the family is the dataset's table)."""
+    found = [(a, b, _paired(models[a], models[b], seed))
+             for a, b in comparison_pairs([m for m in models if m != "teacher"])]
+    for (_, _, result), adjusted in zip(found, holm([r["p"] for _, _, r in found])):
+        result["p_holm"] = adjusted
+    return found
 
 
 def _verdict(result: dict) -> str:
-    lo, hi = result["ci95"]
-    if result["p"] < ALPHA and (lo > 0 or hi < 0):
+    """Significant when the Holm-adjusted p is at most ALPHA; the sign of the difference says which way."""
+    if result["p_holm"] <= ALPHA:
         return "significant (better)" if result["diff"] > 0 else "significant (worse)"
     return "not significant"
+
+
+def speakers_needed(comparisons: int) -> int:
+    """The fewest speakers with which the exact sign-flip test can reach p_holm <= ALPHA over this many
+    comparisons at all: the smallest p, 2 / 2^n, times the number of comparisons (Holm's first step)."""
+    n = 1
+    while comparisons * smallest_p(n) > ALPHA:
+        n += 1
+    return n
+
+
+def detectable_cell(result: dict) -> str:
+    """The smallest detectable difference, or `none` where even the most extreme data could not reach
+    p <= ALPHA (too few speakers for the exact sign-flip test: no difference is detectable at all)."""
+    if result["min_p"] > ALPHA:
+        return f"none ({result['speakers']} speaker{'s' * (result['speakers'] != 1)})"
+    return _fmt(result["detectable"])
+
+
+def comparison_notes(found: list[tuple[str, str, dict]]) -> list[str]:
+    """The plain sentences under the table: which differences are significant, the smallest difference
+    the design could detect and whether any could be significant at all, and how the numbers were made."""
+    m, n = len(found), min(r["speakers"] for _, _, r in found)
+    significant = [f"{a} − {b} ({a} {'better' if r['diff'] > 0 else 'worse'})" for a, b, r in found
+                   if _verdict(r) != "not significant"]
+    family = f"after Holm's correction over the {m} comparisons" if m > 1 else "(one comparison: nothing to correct)"
+    notes = [f"Significant at {ALPHA:.0%} {family}: {', '.join(significant)}." if significant else
+             f"No difference is significant at {ALPHA:.0%} {family}: on these test speakers the methods cannot be "
+             "ordered."]
+    detectable = sorted((r["detectable"], f"{a} − {b}") for a, b, r in found
+                        if r["min_p"] <= ALPHA and not np.isnan(r["detectable"]))
+    if detectable:
+        span = (f"{detectable[0][0]:.3f}" if len(detectable) == 1 else
+                f"{detectable[0][0]:.3f} ({detectable[0][1]}) to {detectable[-1][0]:.3f} ({detectable[-1][1]})")
+        over = f" over {n} speakers" if len({r["speakers"] for _, _, r in found}) == 1 else ""
+        notes.append(f"The smallest UA difference this design could detect, with 80% power at {ALPHA:.0%} "
+                     f"(two-sided, before the correction), from the spread of the per-speaker differences{over}: "
+                     f"{span} (the paired t approximation (t(0.975, n−1) + t(0.8, n−1)) × sd / √n).")
+    least = smallest_p(n)
+    if least > ALPHA:
+        notes.append(f"With {n} test speakers the smallest p the exact sign-flip test can give is 2/2^{n} = "
+                     f"{least:.3f}: no difference can be significant at {ALPHA:.0%} here, whatever the data. That "
+                     f"takes at least {speakers_needed(1)} speakers ({speakers_needed(m)} for {m} comparisons "
+                     "after Holm's correction).")
+    elif m * least > ALPHA:
+        notes.append(f"With {n} test speakers the smallest p the exact sign-flip test can give is 2/2^{n} = "
+                     f"{least:.3f}, and Holm's correction multiplies the smallest by {m}: no difference can be "
+                     f"significant at {ALPHA:.0%} here, whatever the data. That takes at least {speakers_needed(m)} "
+                     "speakers.")
+    notes.append("How: each clip's correctness is averaged over each model's seeds (the share of its seeds that got "
+                 "it right: seeds repeat a clip, they are not more clips); per test speaker, the UA of those shares; "
+                 "the difference is the mean over speakers of UA(a) − UA(b) (with every class equally often for "
+                 "every speaker, and as many speakers in every fold, it equals the difference of the table's mean "
+                 "UA). p flips the sign of each speaker's difference at random: exact over all 2^n sign patterns up "
+                 "to 16 speakers, 20,000 random patterns above; Holm's step-down correction across this table "
+                 "decides. The interval resamples whole speakers; from a few speakers a percentile bootstrap is too "
+                 "narrow, so it shows the size of a difference and the test gives the verdict. Speakers of one fold "
+                 "share its trained models, so their differences are not fully independent: read p as approximate.")
+    return notes
+
+
+def predictions_table(dataset: str, models: list[Runs]) -> pd.DataFrame:
+    """Every run's per-clip test predictions in the columns that recompute the report's tables and tests
+    (report/predictions.csv): one row per model, fold, seed and clip, in the report's model order, then
+    fold, seed and clip id; the teacher and the references have no seed."""
+    frames = [m.predictions.assign(dataset=dataset, model=m.name).sort_values(["fold", "seed", "id"], kind="stable")
+              for m in models]
+    frame = pd.concat(frames, ignore_index=True)[list(PREDICTION_COLUMNS)]
+    return frame.astype({"fold": int, "seed": "Int64"})
 
 
 # pragma: no mutate start (figures and page assembly: mutation testing covers the numbers; TESTING.md)
@@ -531,7 +637,7 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
           "every run's test predictions, with a 95% interval from a speaker-level (cluster) bootstrap: clips of one "
           f"speaker are not independent (with fewer than {MIN_SPEAKERS} speakers there is no interval).", ""]
     figures: list[tuple[str, Path, list[str]]] = []
-    curves_rows, versions = [], set()
+    curves_rows, versions, predictions = [], set(), []
     for dataset in params.datasets:
         labels = manifest_labels(layout.manifest(dataset))
         speakers, not_independent, unknown = split_facts(read_manifest(layout.manifest(dataset)), folds)
@@ -548,15 +654,14 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
         md += [f"## {dataset}", "",
                f"Folds {folds}; {len(labels)} classes (chance UA {1 / len(labels):.3f}); test speakers per fold: "
                + ", ".join(f"{f}: {n}" for f, n in speakers.items())
-               + f"; seeds {list(params.seeds)} per student method; folds "
+               + f"; seeds {list(params.seeds)} per student method"
+               + (f"; the students' CE saw the labels of {params.distill.label_fraction:.0%} of the training clips "
+                  "(the distillation terms read every one)" if params.distill.label_fraction < 1 else "") + "; folds "
                + ("**not** speaker-independent." if not_independent or unknown else "speaker-independent."), ""]
         md += sanity_box(1 / len(labels), {n: _mean([d["ua"] for d in m.details]) for n, m in models.items()},
                          {n.removeprefix("reference: "): _mean([d["ua"] for d in r.details])
                           for n, r in references.items()}, speakers, not_independent, unknown, inert)
-        rows = [_summary_row(m, labels, params.seed, teacher_params) for m in models.values()]
-        rows += [[r.name, "-", "-", *_summary_row(r, labels, params.seed, None)[3:]] for r in references.values()]
-        md += table(rows, ["model", "parameters", "compression", "WA", "UA", "macro-F1", "pooled UA [95% CI]", "runs",
-                           "unmatched"])
+        md += main_table(models, references, labels, params.seed, teacher_params)
         md += ["", "The reference rows expose shortcuts in the data: a model no better than them has learned no more "
                    "than clip length or coarse prosody.", ""]
         if dataset in PAPER_HEADLINES:
@@ -574,6 +679,7 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
             per_fold.append([m.name, *(_mean_sd(ua[f]) for f in folds)])
         md += table(per_fold, ["model", *(f"fold {f}" for f in folds)]) + [""]
         md += _comparisons(models, params) + diagnosed
+        predictions.append(predictions_table(dataset, [*models.values(), *references.values()]))
 
         names = {"teacher": "teacher", **{m: student_name(m, params.seeds[0]) for m in params.methods}}
         recalls = {n: classification_metrics(m.predictions["label"], m.predictions["prediction"], labels)["recall"]
@@ -616,32 +722,24 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
                        "distill": params.section("distill"), "evaluate": params.section("evaluate")}, indent=2),
            "```", ""]
     pd.DataFrame(curves_rows).to_csv(out / "training_curves.csv", index=False)
+    write_text(out / "predictions.csv", pd.concat(predictions).to_csv(index=False, lineterminator="\n"))
     text = "\n".join(md)
     write_text(out / "report.md", text)
     write_text(out / "report.html", render_html(text, out))
 
 
 def _comparisons(models: dict[str, Runs], params: Params) -> list[str]:
-    md = ["### Paired comparison with `ce`", ""]
-    if BASELINE not in models:
-        return md + [f"No `{BASELINE}` student in `methods`, so no paired comparison.", ""]
-    rows, significant = [], []
-    for name, runs in models.items():
-        if name in ("teacher", BASELINE):
-            continue
-        r = _paired(runs, models[BASELINE], params.seed)
-        verdict = _verdict(r)
-        rows.append([name, f"{r['diff']:+.3f}", interval(*r["ci95"], r["clusters"], "+.3f"), f"{r['p']:.3f}",
-                     r["n"], r["clusters"], verdict])
-        if verdict != "not significant":
-            significant.append(f"{name} ({verdict.split('(')[1].rstrip(')')})")
-    md += table(rows, ["student", "UA − UA(ce)", "95% CI (speaker bootstrap)", "p (paired sign-flip)", "clip pairs",
-                       "speakers", f"at {ALPHA:.0%}"])
-    plain = (f"Significant at the {ALPHA:.0%} level against `ce`: {', '.join(significant)}." if significant else
-             f"No student differs significantly from `ce` at the {ALPHA:.0%} level: on these clips and speakers the "
-             "methods cannot be ordered.")
-    return md + ["", plain + " The interval resamples whole test speakers; the p-value swaps the two students' "
-                 "predictions clip by clip (a difference counts only if both agree).", ""]
+    md = ["### Paired comparisons, test speaker by test speaker", ""]
+    found = compare(models, params.seed)
+    if not found:
+        return md + [f"Neither `{BASELINE}` nor both of {' and '.join(f'`{m}`' for m in KEY_CONTRAST)} among the "
+                     "students: nothing to compare.", ""]
+    rows = [[f"{a} − {b}", f"{round(r['diff'], 3) + 0.0:+.3f}",  # + 0.0: a difference of -1e-17 reads +0.000
+             interval(*r["ci95"], r["speakers"], "+.3f"), f"{r['p']:.3f}", f"{r['p_holm']:.3f}", detectable_cell(r),
+             r["speakers"], r["clips"], _verdict(r)] for a, b, r in found]
+    md += table(rows, ["comparison", "UA difference", "95% CI (speaker bootstrap)", "p (sign-flip over speakers)",
+                       "p (Holm)", "detectable (80% power)", "speakers", "clips", f"at {ALPHA:.0%} (Holm)"])
+    return md + ["", *(f"{n}\n" for n in comparison_notes(found))]
 
 
 def _diagnostics_section(params: Params, layout: Layout, dataset: str, models: dict[str, Runs],

@@ -1,6 +1,7 @@
 """train-teacher: the teacher of a fold, in one of three modes (train_teacher.mode):
-full       the preset's LLM from random init and the encoder pretrain-encoder made (frozen or trained
-           on, train_teacher.encoder), trained on the fold's training split (tiny, small);
+full       the teacher pretrain-teacher made (or, with pretrain_teacher.voices 0, the preset's LLM from
+           random init on the encoder pretrain-encoder made), the encoder frozen or trained on
+           (train_teacher.encoder), fine-tuned on the fold's training split (tiny, small);
 lora       a real checkpoint (model.preset hub) fine-tuned with peft LoRA on its LLM, the audio
            encoder and projector frozen; saved as the adapter plus a reference to the checkpoint;
 zero-shot  a real checkpoint used as is; saved as a reference to it.
@@ -24,7 +25,8 @@ from .losses import answer_cross_entropy
 from .manifest import manifest_labels, read_manifest, select_split
 from .metrics import classification_metrics
 from .models import (ModelMeta, add_lora, build_processor, build_teacher, check_sample_rate, count_parameters,
-                     environment, get_preset, pretrained_encoder, save_model, save_reference, weights_dtype)
+                     environment, get_preset, pretrained_encoder, pretrained_teacher, save_model, save_reference,
+                     weights_dtype)
 from .prompt import PromptLayout
 from .scoring import predict_clips
 from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
@@ -59,6 +61,10 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
                              f"the {params.model.preset} preset's teacher is random, use full")
     encoder, encoder_weights = pretrained_encoder(layout.encoder(), params.model.preset)
     sections["encoder"] = {"source": encoder.source, "weights": encoder.weights}
+    init, init_weights = (None, None) if base is not None else \
+        pretrained_teacher(layout.teacher_init(), params.model.preset, encoder.weights)
+    if init is not None:
+        sections["init"] = {"source": init.source, "weights": init.weights}
     check_sample_rate(processor, params.preprocess.sample_rate)
     prompt = PromptLayout.from_processor(processor, labels)
     made_by = ModelMeta(
@@ -76,8 +82,11 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         seed_everything(params.seed)
         if base is None:
             model = build_teacher(get_preset(params.model.preset), params.seed, p.dropout, p.attention_dropout)[0]
-            if encoder_weights is not None:
+            if init_weights is not None:  # pretrain-teacher's: every weight (its encoder is data/encoder's: checked)
+                model.load_state_dict(init_weights)
+            elif encoder_weights is not None:
                 model.model.audio_tower.load_state_dict(encoder_weights)
+            if init_weights is not None or encoder_weights is not None:
                 model.model.audio_tower.requires_grad_(p.encoder == "trained")
         else:
             model = Qwen2AudioForConditionalGeneration.from_pretrained(

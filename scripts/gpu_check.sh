@@ -2,7 +2,7 @@
 # The GPU check, run from the repo root on the device machine (no network):
 #   bash scripts/gpu_check.sh            (device tool: carry [".whl"], made by scripts/fetch_gpu_wheels.sh)
 # a. installs the carried wheels; b. runs the default pipeline on CUDA, stage by stage, in a scratch
-# folder, from the committed pretrained encoder (as a fresh clone's `dvc repro` does), and pretrain-encoder
+# folder, from the committed pretrained encoder and teacher (as a fresh clone's `dvc repro` does), and pretrain-encoder
 # itself briefly in another; c. times the paper-sized student's training step with and without
 # checkpointing (scripts/gpu_student_step.py: step time, peak memory, the GPU sizes it fits); d. the
 # paper-size ratio table (scripts/benchmark.py --preset paper: online / cached, KD overhead, cache / bare
@@ -56,7 +56,7 @@ for section in ("train_teacher", "cache", "distill", "evaluate"):
 yaml.safe_dump(p, open(dst, "w"), sort_keys=False)
 EOF
 mkdir -p "$WORK/data" "$WORK/pretrain"
-cp -r "$REPO/data/encoder" "$WORK/data/encoder"  # committed, as in a fresh clone: train-teacher starts from it
+cp -r "$REPO/data/encoder" "$REPO/data/teacher-init" "$WORK/data/"  # committed, as in a fresh clone: train-teacher starts from them
 python3 - "$WORK/params.yaml" "$WORK/pretrain/params.yaml" "$DRY" <<'EOF'
 import sys, yaml
 p = yaml.safe_load(open(sys.argv[1]))

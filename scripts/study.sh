@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The study beside the default: `dvc repro` on params.yaml with params-study.yaml's settings replaced
 # (5 folds x 6 methods) in a scratch clone of this repository's HEAD, then its report copied
-# to report/study/ (Markdown, HTML, figures). About 100 minutes on the 2-core CPU machine (40 with one seed); resumable
-# (run it again: DVC skips the stages that are done).
+# to report/study/ (Markdown, HTML, figures, and predictions.csv: every run's per-clip test predictions, from
+# which tests/test_study_recompute.py recomputes the main table and the paired tests). About 100 minutes on
+# the 2-core CPU machine (40 with one seed); resumable (run it again: DVC skips the stages that are done).
 #   bash scripts/study.sh [SCRATCH_DIR]     (default: ../pldistill-study)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,7 +36,8 @@ PY
 start=$(date +%s)
 dvc repro
 echo "study: dvc repro took $(( ($(date +%s) - start) / 60 )) min"
+[ -s report/predictions.csv ] || { echo "study: report/predictions.csv is missing: nothing could recompute it" >&2; exit 1; }
 rm -rf "$repo/report/study"
 cp -r report "$repo/report/study"
 rm -rf "$repo/report/study/study"  # the clone's checkout of the committed study, not this run's
-echo "study report -> $repo/report/study/report.md"
+echo "study report -> $repo/report/study/report.md (recompute: python -m pytest tests/test_study_recompute.py)"

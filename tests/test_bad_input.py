@@ -27,6 +27,7 @@ SMALL = {
     "methods": ["ce"],
     "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
     "pretrain_encoder": {"clips": 0},
+    "pretrain_teacher": {"voices": 0},
     "train_teacher": {"epochs": 1, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
     "distill": {"epochs": 1, "batch_size": 8},
@@ -42,7 +43,7 @@ def run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        for stage in (["pretrain-encoder"], ["preprocess"], ["train-teacher"], ["cache-teacher"], ["distill", "--method", "ce"],
+        for stage in (["pretrain-encoder"], ["pretrain-teacher"], ["preprocess"], ["train-teacher"], ["cache-teacher"], ["distill", "--method", "ce"],
                       ["evaluate", "--model", "student", "--method", "ce"], ["export", "--out", "export/ce", "--method", "ce"]):
             result = CliRunner().invoke(app, stage, catch_exceptions=False)
             assert result.exit_code == 0, result.output
@@ -106,7 +107,7 @@ def with_setting(key: str, value) -> dict:
 @pytest.mark.parametrize("command, key, value, allowed", [
     (["distill", "--method", "ce"], "distill.epochs", 0, "greater than or equal to 1"),
     (["train-teacher"], "train_teacher.epochs", -3, "greater than or equal to 1"),
-    (["distill", "--method", "ce"], "distill.lambda_p", float("nan"), "greater than or equal to 0"),
+    (["distill", "--method", "ce"], "distill.weights.pl-distill.lambda_p", float("nan"), "greater than or equal to 0"),
     (["cache-teacher"], "cache.temperature", 0, "greater than 0"),
     (["cache-teacher"], "cache.top_k", 0, "greater than or equal to 1"),
     (["train-teacher"], "train_teacher.lr", -0.01, "greater than 0"),
@@ -117,7 +118,7 @@ def with_setting(key: str, value) -> dict:
     (["preprocess"], "corpora.synthetic.n_speakers", 0, "greater than or equal to 3"),
     (["report"], "methods", ["ce", "nope"], "'ce', 'kd'"),
     (["report"], "datasets", ["../../x"], "not a safe name"),
-    (["distill"], "distill.lambda_l", "lots", "valid number"),
+    (["distill"], "distill.weights.kd.lambda_l", "lots", "valid number"),
     (["evaluate"], "evaluate.scoring", "vote", "'rank' or 'generate'"),
 ])
 def test_out_of_range_settings_are_refused_before_anything_runs(run, command, key, value, allowed):

@@ -225,7 +225,7 @@ def test_a_checkpoint_of_another_architecture_fails_the_cli_with_one_line(prepar
     settings = {"corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
                 "model": {"preset": "hub", "teacher": str(checkpoints / "llm")}, "train_teacher": {"mode": "zero-shot"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
-    for stage in ("pretrain-encoder", "train-teacher"):
+    for stage in ("pretrain-encoder", "pretrain-teacher", "train-teacher"):
         result = subprocess.run([sys.executable, "-m", "pldistill_cli", stage], cwd=tmp_path, text=True,
                                 capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 1

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_project_params_load_with_their_sections():
     params = load_params(ROOT / "params.yaml")
     assert params.datasets == ("synthetic",)
-    assert params.distill.lambda_p >= 0 and params.cache.top_k > 0
+    assert params.distill.weights["pl-distill"].lambda_p >= 0 and params.cache.top_k > 0
 
 
 @pytest.mark.parametrize(
@@ -19,6 +19,15 @@ def test_project_params_load_with_their_sections():
     [
         ("seed: [1, 2\n", "malformed YAML"),
         ("distill:\n  lamda_p: 1\n", "unknown setting `distill.lamda_p`"),
+        # the loss weights are per method, and a method has only the weights of its terms
+        ("distill:\n  lambda_p: 0.5\n", "`distill.lambda_p` is set per method: `distill.weights.<method>.lambda_p` "
+                                       ".methods using it: pdist, fitnets, cka, pl-distill."),
+        ("distill:\n  weights:\n    kd: {lambda_p: 0.5}\n", "`distill.weights.kd.lambda_p`: kd has no term that "
+                                                             "lambda_p weights"),
+        ("distill:\n  weights:\n    fitnets: {cka_estimator: debiased}\n", "fitnets has no term that cka_estimator"),
+        ("distill:\n  weights:\n    kdd: {}\n", "unknown setting `distill.weights.kdd`"),
+        ("distill:\n  weights:\n    pdist: {lambda_p: -1}\n", "`distill.weights.pdist.lambda_p` = -1: input should be "
+                                                              "greater than or equal to 0"),
         ("distill:\n  epochs: many\n", "`distill.epochs` = 'many': input should be a valid integer"),
         ("distill:\n  device: tpu\n", "`distill.device` = 'tpu': input should be 'auto', 'cpu' or 'cuda'"),
         ("- a list\n", "expected a mapping"),

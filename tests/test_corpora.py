@@ -451,3 +451,29 @@ def test_preprocess_ravdess_end_to_end(tmp_path):
         speaker, label, fold = expected[row.id]
         assert (row.speaker, row.label, row.fold, row.validation_fold) == (speaker, label, fold, previous(fold, 6))
     assert df["speaker_independent"].all()
+
+
+def test_a_protocols_twin_files_are_both_kept_and_named(tmp_path):
+    """Two files of identical audio, the same actor and emotion (RAVDESS has such a pair): both kept, in the same
+    fold, and named under the summary's warnings; the same audio from another actor is an error."""
+    import json
+    import shutil
+
+    from pldistill_cli.errors import PldistillError
+    from pldistill_cli.manifest import read_manifest
+    from pldistill_cli.preprocess import preprocess
+
+    expected = ravdess_tree(tmp_path / "corpus", "actors")
+    actor = tmp_path / "corpus/Actor_01"
+    original, twin = actor / "03-01-02-01-01-01-01.wav", actor / "03-01-02-02-01-01-01.wav"  # emotion 02, intensity 2
+    shutil.copy(original, twin)
+    layout = Layout(data=tmp_path / "data")
+    result = preprocess("ravdess", Params(preprocess=PreprocessParams(workers=1)), layout, tmp_path / "corpus")
+    assert result.n_utterances == len(expected) + 1 and not any("duplicate" in r for r in result.excluded)
+    df = read_manifest(result.manifest).set_index("id")
+    assert df.loc[f"ravdess-{twin.stem}", "fold"] == df.loc[f"ravdess-{original.stem}", "fold"]
+    summary = json.loads((layout.prepared("ravdess") / "summary.json").read_text())
+    assert [w for w in summary["warnings"] if twin.name in w and original.name in w and "both kept" in w]
+    shutil.copy(original, tmp_path / "corpus/Actor_02/03-01-02-01-01-01-02.wav")  # another speaker
+    with pytest.raises(PldistillError, match="different labels or speakers"):
+        preprocess("ravdess", Params(preprocess=PreprocessParams(workers=1)), layout, tmp_path / "corpus")

@@ -22,6 +22,7 @@ PARAMS = {
     "seed": 5,
     "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
     "pretrain_encoder": {"clips": 0},
+    "pretrain_teacher": {"voices": 0},
     "train_teacher": {"epochs": 1, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 4},
     "distill": {"epochs": 2, "batch_size": 4},
@@ -47,7 +48,7 @@ def root(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        for stage in (["pretrain-encoder"], ["preprocess"], ["train-teacher"]):
+        for stage in (["pretrain-encoder"], ["pretrain-teacher"], ["preprocess"], ["train-teacher"]):
             result = CliRunner().invoke(app, stage, catch_exceptions=False)
             assert result.exit_code == 0, result.output
     finally:

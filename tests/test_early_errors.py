@@ -25,7 +25,7 @@ from test_bad_input import snapshot
 SMALL = {"seed": 7, "seeds": [7], "methods": ["ce"],
          "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
          "cache": {"top_k": 4}}
-OUTPUTS = ("data/prepared", "data/encoder", "data/runs", "data/encoded", "metrics", "export", "params.yaml")
+OUTPUTS = ("data/prepared", "data/encoder", "data/teacher-init", "data/runs", "data/encoded", "metrics", "export", "params.yaml")
 STORE = "data/encoded/synthetic/k"
 TEACHER, CACHE = "data/runs/synthetic/fold1/teacher", "data/runs/synthetic/fold1/cache"
 STUDENT = "data/runs/synthetic/fold1/student-ce-s7"
@@ -59,8 +59,8 @@ def model_folder(folder: Path, meta: dict) -> None:
 
 
 def make_tree(root: Path) -> Path:
-    """Stand-ins for a finished small pipeline: a real manifest with 3 folds, the encoder record, a teacher,
-    its cache and encoder store, a `ce` student, metrics and an export."""
+    """Stand-ins for a finished small pipeline: a real manifest with 3 folds, the encoder and teacher-init
+    records, a teacher, its cache and encoder store, a `ce` student, metrics and an export."""
     import pandas as pd
 
     from pldistill_cli.manifest import write_manifest
@@ -73,6 +73,8 @@ def make_tree(root: Path) -> Path:
     (root / "data/prepared/synthetic/summary.json").write_text("{}")
     (root / "data/encoder").mkdir(parents=True)
     (root / "data/encoder/pldistill.json").write_text(json.dumps({"source": "random", "preset": "tiny"}))
+    (root / "data/teacher-init").mkdir(parents=True)
+    (root / "data/teacher-init/pldistill.json").write_text(json.dumps({"source": "random", "preset": "tiny"}))
     model_folder(root / TEACHER, {"stage": "train-teacher"})
     parquet(root / CACHE / "part-r0-00000.parquet", id=["u1", "u2"], split=["train", "validation"])
     (root / CACHE / "meta.json").write_text(json.dumps({"encoder": {"store": STORE}}))

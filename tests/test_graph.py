@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import soundfile as sf
 import yaml
 from pydantic import TypeAdapter
 
-from pldistill_cli.config import CorpusParams, Params, Restricted, UndeclaredParams
+from pldistill_cli.config import CorpusParams, MethodName, Params, Restricted, UndeclaredParams
 from pldistill_cli.graph import STAGES, code_deps, main, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,19 +51,25 @@ def test_params_yaml_spells_out_every_setting_a_stage_declares():
                              for k, v in tree.items()))
     written = keys(yaml.safe_load((ROOT / "params.yaml").read_text()))
     known = keys(TypeAdapter(Params).dump_python(Params()))
-    declared = {key.replace("${item.dataset}", "synthetic")
-                for stage in yaml.safe_load(render())["stages"].values() for key in stage.get("params", [])}
+    declared = {key.replace("${item.dataset}", "synthetic").replace("${item.method}", method)  # any method can be run
+                for stage in yaml.safe_load(render())["stages"].values() for key in stage.get("params", [])
+                for method in get_args(MethodName)}
     assert declared <= written and {k for k in known if not k.startswith("corpora.")} <= written
     assert {k for k in written if not k.startswith("corpora.")} <= known
 
 
 def test_a_stage_reading_an_undeclared_setting_fails():
     corpora = {"synthetic": CorpusParams(adapter="synthetic"), "ravdess": CorpusParams(adapter="ravdess")}
-    params = Restricted.of(Params(corpora=corpora), ["seed", "cache.top_k", "corpora.synthetic", "distill"], "demo")
+    params = Restricted.of(Params(corpora=corpora), ["seed", "cache.top_k", "corpora.synthetic", "distill",
+                                                     "evaluate.scoring"], "demo")
     assert params.seed == 42 and params.cache.top_k == 16 and params.corpora.get("synthetic").n_folds == 5
-    assert params.section("distill")["lambda_p"] == 1.0 and set(params.corpora) == {"synthetic", "ravdess"}
-    for read in (lambda: params.evaluate, lambda: params.cache.temperature, lambda: params.section("cache"),
-                 lambda: params.corpora.get("ravdess"), lambda: params.world_size):
+    assert params.section("distill")["weights"]["pl-distill"]["lambda_p"] == 1.0
+    assert set(params.corpora) == {"synthetic", "ravdess"} and params.evaluate.scoring == "rank"
+    student = Restricted.of(Params(), ["distill.lr", "distill.weights.kd"], "demo")  # a student: its method's only
+    assert student.distill.weights["kd"].lambda_l == 1.0 and student.distill.lr > 0
+    for read in (lambda: params.evaluate.batch_size, lambda: params.cache.temperature, lambda: params.section("cache"),
+                 lambda: params.corpora.get("ravdess"), lambda: params.world_size, lambda: student.distill.epochs,
+                 lambda: student.distill.weights["pl-distill"], lambda: student.section("distill")):
         with pytest.raises(UndeclaredParams, match="demo"):
             read()
 
@@ -95,7 +102,7 @@ def test_readmes_experiment_commands_fit_120_columns(tmp_path):
     subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=tmp_path, check=True)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["distill"]["lambda_p"] = 0.5
+    params["distill"]["weights"]["pl-distill"]["lambda_p"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     student = next((tmp_path / "metrics").glob("*/fold1/student-pl-distill-s*[0-9].json"))
     student.write_text(json.dumps({"test": {"macro_f1": 0.3, "ua": 0.3125, "wa": 0.3}}))
@@ -124,7 +131,7 @@ def test_constraints_pin_the_versions_that_made_the_committed_results():
     for requirement in map(Requirement, project["dependencies"] + project["optional-dependencies"]["test"]):
         name = canonicalize_name(requirement.name)
         assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), requirement
-    made_with = re.findall(r"^- device .*$", (ROOT / "report/report.md").read_text(), re.M)
+    made_with = re.findall(r"^- (?:cpu_kernels \S+, )?device .*$", (ROOT / "report/report.md").read_text(), re.M)
     assert made_with
     for line in made_with:
         for library in ("numpy", "torch", "transformers"):
@@ -189,6 +196,7 @@ def repo(tmp_path_factory):
         "": {"seed": 7, "cpu_threads": 1, "datasets": ["ravdess"], "folds": [1], "methods": ["pl-distill"],
              "seeds": [7], "corpora": {"ravdess": {"adapter": "ravdess", "root": str(repo.parent / "RAVDESS")}}},
         "preprocess": {"workers": 1}, "pretrain_encoder": {"clips": 24, "epochs": 1, "batch_size": 8},
+        "pretrain_teacher": {"voices": 3, "sentences": 1, "validation_voices": 1, "epochs": 1, "batch_size": 8},
         "train_teacher": {"epochs": 1, "batch_size": 8},
         "cache": {"top_k": 4, "batch_size": 8}, "distill": {"epochs": 1, "batch_size": 8},
         "evaluate": {"attention_examples": 2},
@@ -231,10 +239,13 @@ def test_editing_a_module_reruns_exactly_the_stages_that_import_it(repo, module)
 def test_changing_a_setting_reruns_exactly_the_stages_that_read_it(repo):
     params_file = repo / "params.yaml"
     original = params_file.read_text()
-    for key, value, expected in (("distill", {"lambda_p": 0.5}, {"distill", "report"}),
+    weights = yaml.safe_load(original)["distill"]["weights"]
+    for key, value, expected in (("distill", {"weights": {**weights, "pl-distill": {**weights["pl-distill"], "lambda_p": 0.5}}},
+                                  {"distill", "report"}),
                                  ("cache", {"top_k": 3}, {"cache-teacher", "distill", "report"}),
                                  ("corpora", {"ravdess": {"adapter": "ravdess", "root": "/elsewhere"}}, {"preprocess"}),
                                  ("pretrain_encoder", {"epochs": 2}, {"pretrain-encoder"}),
+                                 ("pretrain_teacher", {"epochs": 2}, {"pretrain-teacher"}),
                                  ("train_teacher", {"encoder": "trained"}, {"train-teacher"})):
         params = yaml.safe_load(original)
         params[key] = {**params.get(key, {}), **value}
@@ -248,4 +259,4 @@ def test_changing_a_setting_reruns_exactly_the_stages_that_read_it(repo):
 def test_dvc_repro_force_reproduces_every_data_output_byte_for_byte(repo):
     before = lock_hashes(repo)
     dvc(repo, "repro", "-f")
-    assert lock_hashes(repo) == before and len(before) == 5  # encoder, prepared, teacher, cache, student
+    assert lock_hashes(repo) == before and len(before) == 6  # encoder, teacher-init, prepared, teacher, cache, student

@@ -7,11 +7,11 @@ from typing import get_args
 import pytest
 import torch
 
-from pldistill_cli.config import MethodName
+from pldistill_cli.config import METHOD_WEIGHTS, MethodName
 from pldistill_cli.forward import forward_from_encoder, step_mask
 from pldistill_cli.labels import label_set
 from pldistill_cli.losses import KLTargets, aw_cka, bucketed_kl, topk_logprobs
-from pldistill_cli.methods import CONSTANTS, METHODS, TargetCollate, Teacher, distillation_terms
+from pldistill_cli.methods import CONSTANTS, METHODS, TargetCollate, Teacher, distillation_terms, weighted
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset
 from pldistill_cli.prompt import PromptLayout
 
@@ -28,8 +28,9 @@ EXPECTED = {
 CLIPS = [(7, "Happy"), (5, "Surprise"), (9, "Sad")]  # audio steps, label
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_teacher):
+def cached_clips(tiny_teacher, clips: list[tuple[int, str]]):
+    """A tiny student, the cached rows of `clips` (audio steps, label) with random targets, the prompt and a
+    random teacher projector (weight, bias)."""
     teacher, processor = tiny_teacher
     prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
     student = assemble_student(teacher.config.audio_config, teacher.model.audio_tower.state_dict(),
@@ -37,21 +38,27 @@ def setup(tiny_teacher):
                                build_student_llm(get_preset("tiny"), len(processor.tokenizer), 0), 0)
     g = torch.Generator().manual_seed(0)
     items = []
-    for i, (t, label) in enumerate(CLIPS):
+    for i, (t, label) in enumerate(clips):
         ids = torch.tensor(prompt.prompt_ids(t) + list(prompt.answer_ids(label)))
         ids_k, lp_k = topk_logprobs(torch.randn(len(ids) - 1, len(processor.tokenizer), generator=g), 4, 2.0)
         items.append({"index": i, "label": label, "input_ids": ids,
                       "encoded": torch.randn(t, teacher.config.audio_config.d_model, generator=g),
                       "attention": torch.rand(t, generator=g), "topk_ids": ids_k, "topk_logprobs": lp_k})
-    batch = TargetCollate(prompt)(items)
     d_teacher = teacher.config.text_config.hidden_size
     weight = torch.randn(d_teacher, teacher.config.audio_config.d_model, generator=g)
-    bias = 0.1 * torch.randn(d_teacher, generator=g)
-    return student, batch, weight, bias, prompt
+    return student, items, prompt, weight, 0.1 * torch.randn(d_teacher, generator=g)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_teacher):
+    student, items, prompt, weight, bias = cached_clips(tiny_teacher, CLIPS)
+    return student, TargetCollate(prompt)(items), weight, bias, prompt
 
 
 def test_the_method_table_is_the_configured_set_of_methods():
     assert set(METHODS) == set(get_args(MethodName))
+    # params.yaml's `distill.weights.<method>` (validated without torch) are the weights of the method's terms
+    assert METHOD_WEIGHTS == {name: row.weights for name, row in METHODS.items()}
 
 
 def _gradient(student, batch, method, weight, bias, adapter):
@@ -137,6 +144,14 @@ def test_the_total_loss_is_ce_plus_the_weighted_terms(setup, method, estimator):
     for key, value in expected.items():
         torch.testing.assert_close(terms[key], torch.as_tensor(value), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(terms["loss"], torch.as_tensor(total), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sum(weighted(terms, lambda_p, lambda_l).values()), terms["loss"])  # distill's probe
+    # a weight the method lists (`distill.weights.<method>`) changes its loss; any other weight does not
+    other = Teacher.of(weight, bias, 2.0, {"biased": "debiased", "debiased": "biased"}[estimator])
+    with torch.no_grad():
+        for name, changed in (("lambda_p", (teacher, 2 * lambda_p, lambda_l)),
+                              ("lambda_l", (teacher, lambda_p, 2 * lambda_l)), ("cka_estimator", (other, lambda_p, lambda_l))):
+            loss = distillation_terms(student, batch, row, changed[0], *changed[1:], adapter)["loss"]
+            assert (not torch.equal(loss, terms["loss"])) == (name in row.weights), name
 
 
 def _rows(batch: dict) -> list[dict]:

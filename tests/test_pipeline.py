@@ -23,12 +23,14 @@ SMALL = {
     "methods": ["ce", "pl-distill"],
     "corpora": {"synthetic": {"adapter": "synthetic", "n_speakers": 6, "n_sentences": 1, "n_folds": 3}},
     "pretrain_encoder": {"clips": 24, "epochs": 1, "batch_size": 8},  # the real path, briefly
+    "pretrain_teacher": {"voices": 3, "sentences": 1, "validation_voices": 1, "epochs": 1, "batch_size": 8},
     "train_teacher": {"epochs": 2, "batch_size": 8},
     "cache": {"top_k": 4, "batch_size": 8},
     "distill": {"epochs": 2, "batch_size": 8},
 }
 STAGES = [
     ["pretrain-encoder"],
+    ["pretrain-teacher"],
     ["preprocess"],
     ["train-teacher"],
     ["cache-teacher"],
@@ -112,7 +114,7 @@ def test_metrics_files_have_the_expected_keys_and_ranges(run_dir):
     assert details["ua"] == pytest.approx(np.mean(recalls))
     report = (run_dir / "report/report.md").read_text()
     for section in ("| teacher |", "| pl-distill |", "| ce |", "| reference: prosody |", "### UA per fold",
-                    "### Paired comparison with `ce`", "### Are the distillation terms alive?"):
+                    "### Paired comparisons", "### Are the distillation terms alive?"):
         assert section in report, section
     assert "reference:" in report
     pictures = re.findall(r"!\[.*\]\((.*)\)", report)
@@ -146,7 +148,9 @@ def test_models_record_what_made_them(run_dir):
     student = json.loads((run_dir / "data/runs/synthetic/fold1/student-pl-distill-s7/pldistill.json").read_text())
     teacher = json.loads((run_dir / "data/runs/synthetic/fold1/teacher/pldistill.json").read_text())
     assert student["teacher"]["weights"] == teacher["weights"]
-    assert student["params"]["distill"]["lambda_p"] == 1.0 and student["seed"] == 7
+    assert student["params"]["distill"]["weights"] == {"pl-distill": {"lambda_p": 1.0, "lambda_l": 1.0,
+                                                                      "cka_estimator": "biased"}}  # its own only
+    assert student["seed"] == 7
     assert student["method"] == "pl-distill"
     before, first = student["history"][:2]  # a probe of every term before training, then each epoch
     assert before["epoch"] == 0 and {"probe_ce", "probe_cka", "probe_kl", "grad_ce", "grad_projector", "grad_kl"} <= set(before)
@@ -459,8 +463,24 @@ def test_a_refit_teacher_retrains_on_train_and_validation(run_dir, monkeypatch, 
     monkeypatch.chdir(run_dir)
     params = load_params(Path("params.yaml"))
     layout = Layout(data=tmp_path / "data")
-    for made_before in ("prepared", "encoder"):
+    for made_before in ("prepared", "encoder", "teacher-init"):
         shutil.copytree(run_dir / "data" / made_before, layout.data / made_before)
     params = dataclasses.replace(params, train_teacher=dataclasses.replace(params.train_teacher, refit=True))
     made = train_teacher("synthetic", 1, params, layout)
     assert made.refit == {"epochs": made.best_epoch, "clips": 32}  # 16 train + 16 validation clips
+
+
+def test_with_a_label_fraction_ce_trains_on_the_labelled_clips_and_kd_on_every_clip(run_dir, monkeypatch):
+    """label_fraction 0.25 of 2 training clips per class keeps 1 per class (at least one): 8 of the 16. With refit,
+    `ce` retrains on those and the 16 validation clips; `kd` on all 32 (its KL reads the unlabelled ones too)."""
+    import dataclasses
+
+    from pldistill_cli.config import load_params
+    from pldistill_cli.distill import distill
+
+    monkeypatch.chdir(run_dir)
+    params = load_params(Path("params.yaml"))
+    scarce = dataclasses.replace(params, distill=dataclasses.replace(params.distill, refit=True, label_fraction=0.25))
+    ce, kd = (distill("synthetic", 1, scarce, method_name=method, seed=23) for method in ("ce", "kd"))
+    assert ce.refit["clips"] == 8 + 16 and kd.refit["clips"] == 16 + 16
+    assert ce.params["distill"]["label_fraction"] == kd.params["distill"]["label_fraction"] == 0.25

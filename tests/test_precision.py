@@ -31,7 +31,7 @@ def gpu_like_run(prepared, tmp_path_factory):
     layout = dataclasses.replace(layout, data=tmp_path_factory.mktemp("gpu-like") / "data",
                                  metrics_root=tmp_path_factory.mktemp("gpu-like-metrics"))
     layout.data.mkdir()
-    for folder in ("prepared", "encoder"):
+    for folder in ("prepared", "encoder", "teacher-init"):
         (layout.data / folder).symlink_to(prepared[1].data / folder)
     with pytest.MonkeyPatch.context() as env:
         env.setenv(CPU_AS_CUDA, "1")

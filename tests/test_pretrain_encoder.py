@@ -52,12 +52,9 @@ def test_pooled_statistics_see_real_steps_only():
 
 
 @pytest.fixture(scope="module")
-def pretrained(prepared, tmp_path_factory):
-    params, layout = prepared
-    layout = dataclasses.replace(layout, data=tmp_path_factory.mktemp("pretrained") / "data")
-    layout.data.mkdir()
-    (layout.data / "prepared").symlink_to(prepared[1].data / "prepared")
-    params = dataclasses.replace(params, pretrain_encoder=PretrainEncoderParams(clips=96, epochs=6, batch_size=8))
+def pretrained(prepared, layout_beside):
+    layout = layout_beside("prepared", "teacher-init")
+    params = dataclasses.replace(prepared[0], pretrain_encoder=PretrainEncoderParams(clips=96, epochs=6, batch_size=8))
     return params, layout, pretrain_encoder(params, layout)
 
 

@@ -13,10 +13,12 @@ import pandas as pd
 import pytest
 
 from pldistill_cli.layout import Layout
-from pldistill_cli.metrics import classification_metrics, cluster_bootstrap_ua, paired_comparison
-from pldistill_cli.report import (MIN_SPEAKERS, Runs, _collect, _paired, _summary_row, _verdict, answer_stats,
-                                   confusion_figure, diagnostics, held_out_p_true, interval, latency_notes,
-                                   render_html, repeated_timings, sanity_box, split_facts, table, trained_share)
+from pldistill_cli.metrics import classification_metrics, cluster_bootstrap_ua
+from pldistill_cli.report import (MIN_SPEAKERS, PREDICTION_COLUMNS, Runs, _collect, _paired, _summary_row, _verdict,
+                                   answer_stats, compare, comparison_notes, comparison_pairs, confusion_figure,
+                                   detectable_cell, diagnostics, held_out_p_true, interval, latency_notes,
+                                   predictions_table, render_html, repeated_timings, sanity_box, seed_averaged,
+                                   speakers_needed, split_facts, table, trained_share)
 
 LABELS = ("Happy", "Sad")
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,30 +67,113 @@ def test_summary_row_is_recomputed_from_the_predictions(hand_made):
     assert row[7] == 4
 
 
-def test_paired_rows_pair_the_same_clips_of_the_same_fold_and_seed(hand_made):
+def test_paired_rows_average_the_seeds_within_each_clip(hand_made):
+    """Seed 1 misses clip a, seed 2 misses a, b and c: per clip the share of seeds right is a 0, b 1/2,
+    c 1/2, d 1. Speaker spk{fold}False has a (Happy) and b (Sad): UA 1/4; spk{fold}True has c (Happy) and
+    d (Sad): UA 3/4. Against an always-right baseline: d_s = -3/4, -1/4, -3/4, -1/4 over 4 speakers, one
+    sign, so the exact sign-flip p is 2 / 2^4; 8 clips, not 16 (two seeds are not two clips)."""
     layout, runs = hand_made
     student = _collect(layout, "d", "x", runs)
+    shares = seed_averaged(student).set_index("id")["correct"]
+    assert shares.to_dict() == {"1a": 0.0, "1b": 0.5, "1c": 0.5, "1d": 1.0, "2a": 0.0, "2b": 0.5, "2c": 0.5, "2d": 1.0}
     baseline = Runs("ce", runs, student.details, student.predictions.assign(prediction=student.predictions["label"]))
     result = _paired(student, baseline, seed=0)
-    truth = student.predictions["label"]
-    expected = (classification_metrics(truth, student.predictions["prediction"], LABELS)["ua"] - 1.0)
-    assert result["n"] == 16 and result["clusters"] == 4 and result["diff"] == pytest.approx(expected)
+    assert result["diff"] == pytest.approx(-0.5) and result["p"] == 2 / 16
+    assert (result["clips"], result["speakers"]) == (8, 4)
 
 
-def test_paired_comparison_statistics():
-    rng = np.random.default_rng(0)
-    truth = list(rng.choice(["a", "b", "c"], 300))
-    speakers = list(rng.choice([f"s{i}" for i in range(10)], 300))
-    good = [t if rng.random() < 0.8 else "a" for t in truth]
-    bad = [t if rng.random() < 0.4 else "a" for t in truth]
-    result = paired_comparison(truth, good, bad, speakers, seed=1)
-    ua = lambda p: classification_metrics(truth, p, ("a", "b", "c"))["ua"]  # noqa: E731
-    assert result["diff"] == pytest.approx(ua(good) - ua(bad)) and result["p"] < 0.01
-    assert result["ci95"][0] > 0 and result["clusters"] == 10
-    flipped = paired_comparison(truth, bad, good, speakers, seed=1)
-    assert flipped["diff"] == pytest.approx(-result["diff"]) and flipped["p"] == pytest.approx(result["p"])
-    same = paired_comparison(truth, good, good, speakers, seed=1)
-    assert same["diff"] == 0 and same["p"] == 1.0 and same["ci95"] == (0.0, 0.0)
+def _speaker_runs(name: str, rate: dict[str, float], seeds=(1,), speakers: int = 8, seed: int = 0) -> Runs:
+    """A model's runs over `speakers` speakers (two per fold), 3 classes x 4 clips each; speaker s's
+    clips are right with probability rate[s] (0.5 where not given)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(speakers):
+        labels = ["a", "b", "c"] * 4
+        for s in seeds:
+            right = rng.random(12) < rate.get(f"s{k}", 0.5)
+            frames.append(pd.DataFrame({"fold": k // 2 + 1, "seed": s, "id": [f"s{k}-{i}" for i in range(12)],
+                                        "speaker": f"s{k}", "label": labels,
+                                        "prediction": [l if r else "x" for l, r in zip(labels, right)]}))
+    return Runs(name, [], [], pd.concat(frames, ignore_index=True))
+
+
+def test_seeds_are_not_more_clips():
+    """The same predictions copied as three seeds are the same evidence: the speaker-level p and interval
+    are unchanged (pooling seeds as clips, as the report once did, made p smaller with every seed)."""
+    one, base = _speaker_runs("x", {f"s{k}": 0.8 for k in range(8)}), _speaker_runs("ce", {}, seed=1)
+    three = Runs("x", [], [], pd.concat([one.predictions.assign(seed=s) for s in (1, 2, 3)], ignore_index=True))
+    assert _paired(three, base, seed=0) == _paired(one, base, seed=0)
+
+
+def test_comparisons_are_each_student_with_ce_and_pl_distill_with_kd():
+    assert comparison_pairs(["ce", "kd", "pl-distill"]) == [("kd", "ce"), ("pl-distill", "ce"), ("pl-distill", "kd")]
+    assert comparison_pairs(["kd", "pl-distill", "ldist"]) == [("pl-distill", "kd")]
+    assert comparison_pairs(["ce", "ldist"]) == [("ldist", "ce")] and comparison_pairs(["ce"]) == []
+
+
+def test_holms_correction_decides_and_the_verdict_says_which_way():
+    """kd is right on every clip of 8 speakers where ce guesses: 8 positive differences, p = 2/2^8, Holm
+    over 3 comparisons 3 x 2/2^8 = 0.023: significant. pl-distill is kd on 6 speakers and ce on 2: against
+    ce 6 positive differences and 2 zeros (a zero has no sign to flip), p = 2/2^6 = 0.031, below 5% alone
+    but 2 x 0.031 = 0.0625 at Holm's second step: not significant. Against kd: 2 negative, p = 2/2^2."""
+    ce = _speaker_runs("ce", {}, seeds=(1, 2))
+    kd = _speaker_runs("kd", {f"s{k}": 1.0 for k in range(8)}, seeds=(1, 2))
+    pl = Runs("pl-distill", [], [], ce.predictions.copy())
+    pl.predictions.loc[pl.predictions["speaker"] < "s6", "prediction"] = pl.predictions["label"]
+    found = {(a, b): r for a, b, r in compare({"teacher": ce, "ce": ce, "kd": kd, "pl-distill": pl}, seed=0)}
+    assert list(found) == [("kd", "ce"), ("pl-distill", "ce"), ("pl-distill", "kd")]
+    kd_ce, pl_ce, pl_kd = found.values()
+    assert kd_ce["p"] == 2 / 256 and kd_ce["p_holm"] == pytest.approx(3 * 2 / 256)
+    assert _verdict(kd_ce) == "significant (better)" and kd_ce["speakers"] == 8 and kd_ce["clips"] == 96
+    assert pl_ce["diff"] > 0 and pl_ce["p"] == 2 / 64 < 0.05 and pl_ce["p_holm"] == pytest.approx(2 * 2 / 64)
+    assert _verdict(pl_ce) == "not significant"
+    assert pl_kd["diff"] < 0 and pl_kd["p"] == pl_kd["p_holm"] == 0.5 and _verdict(pl_kd) == "not significant"
+    worse = {"diff": -0.1, "p_holm": 0.05}
+    assert _verdict(worse) == "significant (worse)" and _verdict({**worse, "p_holm": 0.0501}) == "not significant"
+
+
+def test_equal_ua_is_never_significant():
+    """Two students with the same UA on every speaker but right on different clips: every d_s = 0, so
+    p = 1 and the verdict is 'not significant'."""
+    a = _speaker_runs("a", {})
+    b = Runs("b", [], [], a.predictions.copy())
+    b.predictions["id"] = b.predictions.groupby("speaker")["id"].transform(lambda ids: list(ids)[3:] + list(ids)[:3])
+    b.predictions["label"] = a.predictions["label"]  # each clip keeps a's label; predictions moved three clips on
+    result = compare({"ce": b, "a": a}, seed=0)[0][2]
+    assert result["diff"] == 0 and result["p"] == 1.0 and _verdict(result) == "not significant"
+
+
+def test_the_notes_say_when_nothing_can_be_significant():
+    result = lambda n, detectable=0.1: {"speakers": n, "diff": 0.01, "p": 0.5, "p_holm": 1.0,  # noqa: E731
+                                        "detectable": detectable, "min_p": 2 / 2 ** n}
+    assert [speakers_needed(m) for m in (1, 3, 6)] == [6, 7, 8]  # 2/2^n <= 0.05 / m
+    two = comparison_notes([("kd", "ce", result(2)), ("pl-distill", "kd", result(2))])
+    assert two[0].startswith("No difference is significant at 5% after Holm's correction over the 2 comparisons")
+    assert "2/2^2 = 0.500: no difference can be significant at 5% here, whatever the data" in two[1]
+    assert "at least 6 speakers (7 for 2 comparisons" in two[1]
+    assert detectable_cell(result(2)) == "none (2 speakers)" and detectable_cell(result(6, 0.0612)) == "0.061"
+    six = comparison_notes([(m, "ce", result(6, d)) for m, d in (("kd", 0.2), ("ldist", 0.1), ("cka", 0.3))])
+    assert "over 6 speakers: 0.100 (ldist − ce) to 0.300 (cka − ce)" in six[1]
+    assert "2/2^6 = 0.031, and Holm's correction multiplies the smallest by 3" in six[2]
+    assert "That takes at least 7 speakers" in six[2]
+    mixed = comparison_notes([("kd", "ce", result(10)), ("pl-distill", "ce", result(2))])  # the fewer speakers rule
+    assert "differences: 0.100 (the paired t" in mixed[1] and mixed[2].startswith("With 2 test speakers")
+    ten = comparison_notes([("kd", "ce", result(10))])
+    assert ten[0].startswith("No difference is significant at 5% (one comparison: nothing to correct)")
+    assert len(ten) == 3 and ten[2].startswith("How: ") and "over 10 speakers: 0.100 (the paired t" in ten[1]
+
+
+def test_the_predictions_table_has_the_columns_that_recompute_the_report(hand_made):
+    layout, runs = hand_made
+    student = _collect(layout, "d", "x", runs)
+    teacher = Runs("teacher", [], [], student.predictions.query("seed == 1").assign(seed=None))
+    frame = predictions_table("d", [teacher, student])
+    assert tuple(frame.columns) == PREDICTION_COLUMNS and frame["model"].tolist() == ["teacher"] * 8 + ["x"] * 16
+    text = frame.to_csv(index=False, lineterminator="\n")
+    assert text.startswith("dataset,model,fold,seed,id,speaker,label,prediction\nd,teacher,1,,1a,spk1False,Happy,Sad\n")
+    assert "d,x,1,2,1d,spk1True,Sad,Sad\nd,x,2,1,2a,spk2False,Happy,Sad\n" in text  # fold, then seed, then clip
+    shuffled = [Runs(r.name, [], [], r.predictions.sample(frac=1, random_state=0)) for r in (teacher, student)]
+    assert predictions_table("d", shuffled).to_csv(index=False, lineterminator="\n") == text  # the same bytes
 
 
 def test_the_cluster_interval_resamples_speakers_not_clips():
@@ -271,17 +356,6 @@ def test_the_confusion_matrices_are_legible_at_the_pages_width():
     for t in shown:
         box = t.get_window_extent(renderer)
         assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, t.get_text()
-
-
-def test_equal_ua_is_never_significant():
-    """Two students with the same UA but right on different clips: d = 0, so every swap's |d*| >= |d| and
-    p = 1; the verdict is 'not significant' whatever the interval."""
-    truth = ["a", "a", "b", "b"] * 5
-    first = ["a", "b", "b", "b"] * 5  # recall of a 1/2 (first clip), of b 1
-    second = ["b", "a", "b", "b"] * 5  # recall of a 1/2 (second clip), of b 1
-    result = paired_comparison(truth, first, second, n_boot=50, n_perm=200)
-    assert result["diff"] == 0 and result["p"] == 1.0
-    assert _verdict(result) == "not significant"
 
 
 def test_a_pipe_in_a_cell_stays_in_its_cell():

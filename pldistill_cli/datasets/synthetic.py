@@ -63,6 +63,7 @@ __all__ = [
     "SyntheticUtterance",
     "plan_corpus",
     "plan_pretraining",
+    "plan_emotion_pool",
     "prosody_targets",
     "PRETRAIN_VOICES",
     "PRETRAIN_SENTENCES",
@@ -215,12 +216,18 @@ def _clamp_int(value: float, key: str) -> int:
 def _plan_one(settings: SyntheticSettings, spk_index: int, label: str, sent_index: int,
               base: dict[str, float]) -> SyntheticUtterance:
     speaker = _speaker_id(spk_index)
-    utt_id = f"synthetic-{speaker}-{label.lower()}-s{sent_index + 1}"
-    rng = _rng(settings.seed, "utterance", utt_id)
-    mean = EMOTION_PROSODY[label]
-    sd = PROSODY_SPREAD
-    x = base["expressiveness"]
-    # A fixed draw order keeps each utterance's parameters reproducible on their own.
+    return _draw_emotional(settings.seed, f"synthetic-{speaker}-{label.lower()}-s{sent_index + 1}", speaker, label,
+                           sent_index + 1, SENTENCES[sent_index], VOICES[spk_index], base, settings.max_seconds)
+
+
+def _draw_emotional(seed: int, utt_id: str, speaker: str, label: str, sentence_index: int, sentence: str,
+                    voice: str, base: dict[str, float], max_seconds: float) -> SyntheticUtterance:
+    """One emotional utterance: the speaker's baseline `base` plus its expressiveness x times the emotion's
+    mean offset, plus the emotion's spread, per prosody setting (value = base + x mean + N(0, sd)); the
+    corpus's (plan_corpus) and the teacher's pretraining pool's (plan_emotion_pool) alike. The draws come
+    from the utterance's own generator in a fixed order, so each utterance is reproducible on its own."""
+    rng = _rng(seed, "utterance", utt_id)
+    mean, sd, x = EMOTION_PROSODY[label], PROSODY_SPREAD, base["expressiveness"]
     rate = base["rate"] + x * float(mean["rate"]) + rng.normal(0.0, sd["rate"])
     pitch = base["pitch"] + x * float(mean["pitch"]) + rng.normal(0.0, sd["pitch"])
     prange = base["range"] + x * float(mean["range"]) + rng.normal(0.0, sd["range"])
@@ -237,8 +244,8 @@ def _plan_one(settings: SyntheticSettings, spk_index: int, label: str, sent_inde
         utt_id=utt_id,
         speaker=speaker,
         label=label,
-        sentence=SENTENCES[sent_index],
-        voice=VOICES[spk_index],
+        sentence=sentence,
+        voice=voice,
         rate=_clamp_int(rate, "rate"),
         pitch=_clamp_int(pitch, "pitch"),
         pitch_range=_clamp_int(prange, "range"),
@@ -250,9 +257,9 @@ def _plan_one(settings: SyntheticSettings, spk_index: int, label: str, sent_inde
         tilt=round(float(tilt), 4),
         lead_silence=round(float(lead), 4),
         tail_silence=round(float(tail), 4),
-        sentence_index=sent_index + 1,
+        sentence_index=sentence_index,
         synth_seed=synth_seed,
-        max_seconds=float(settings.max_seconds),
+        max_seconds=float(max_seconds),
     )
 
 
@@ -309,6 +316,30 @@ def plan_pretraining(seed: int, n_clips: int) -> list[SyntheticUtterance]:
             tilt=float(rng.uniform(-0.45, 0.45)),
             lead_silence=float(rng.uniform(0.05, 0.25)), tail_silence=float(rng.uniform(0.10, 0.30)),
             synth_seed=int(rng.integers(1, 2**31 - 1))))
+    return plan
+
+
+def plan_emotion_pool(seed: int, n_voices: int, n_sentences: int, max_seconds: float = 4.0) -> list[SyntheticUtterance]:
+    """Labelled emotional speech for pretraining a preset's teacher (pretrain-teacher): the corpus's emotions
+    (EMOTION_PROSODY, PROSODY_SPREAD, SPEAKER_BASELINE: the same generator) spoken in the first `n_voices` of
+    PRETRAIN_VOICES and PRETRAIN_SENTENCES, which no fold uses. Each voice says `n_sentences` sentences, a
+    window of PRETRAIN_SENTENCES that starts one further for each voice (so every sentence is spoken by as
+    many voices as the others), once per emotion: n_voices x 8 x n_sentences clips, balanced per voice.
+    Speaker ids are `pool01`..; utterance ids `pool-pool01-happy-s3` (s = the 1-based PRETRAIN_SENTENCES index)."""
+    if not 1 <= n_voices <= len(PRETRAIN_VOICES):
+        raise ValueError(f"n_voices must be between 1 and {len(PRETRAIN_VOICES)}, got {n_voices}")
+    if not 1 <= n_sentences <= len(PRETRAIN_SENTENCES):
+        raise ValueError(f"n_sentences must be between 1 and {len(PRETRAIN_SENTENCES)}, got {n_sentences}")
+    plan = []
+    for v in range(n_voices):
+        speaker = f"pool{v + 1:02d}"
+        base = _speaker_baseline(seed, speaker)
+        for label in EMOTIONS:
+            for k in range(n_sentences):
+                s = (v + k) % len(PRETRAIN_SENTENCES)
+                utt_id = f"pool-{speaker}-{label.lower()}-s{s + 1}"
+                plan.append(_draw_emotional(seed, utt_id, speaker, label, s + 1, PRETRAIN_SENTENCES[s],
+                                            PRETRAIN_VOICES[v], base, max_seconds))
     return plan
 
 
