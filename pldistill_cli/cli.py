@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from importlib import import_module
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Literal, Optional
 
 import typer
@@ -27,6 +28,7 @@ from .graph import CACHE, STAGES
 from .inputs import (MIN_SECONDS, audio_problem, check_cache_settings, check_device, check_encoder_store,
                      check_export_destination, check_files, check_world_size, expand_inputs, how_to_make, unusable_input)
 from .layout import Layout, student_name
+from .methods import MethodName
 from .ui import console
 
 app = typer.Typer(
@@ -36,7 +38,7 @@ app = typer.Typer(
 )
 
 Device = Optional[Literal["auto", "cpu", "cuda"]]
-Method = Optional[Literal["ce", "kd", "ldist", "pdist", "fitnets", "cka", "pl-distill"]]
+Method = Optional[MethodName]
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Settings file.")
 DATASET = typer.Option("synthetic", "--dataset", "-d", help="Dataset name (a key of `corpora` in params.yaml).")
 FOLD = typer.Option(1, "--fold", "-k", min=1, help="Fold number (1-based).")
@@ -250,9 +252,16 @@ def evaluate(
     seed: Optional[int] = SEED,
     params: Path = PARAMS,
     device: Device = DEVICE,
+    on: Optional[str] = typer.Option(None, "--on", help="Cross-corpus: score on this dataset's test split of the fold "
+                                                        "instead, on the labels the two share (see `cross_corpus`)."),
 ) -> None:
     """Score a model (or the shortcut references) on the fold's test split."""
-    values = {"dataset": dataset, "fold": fold}
+    values: dict = {"dataset": dataset, "fold": fold}
+    if on is not None:
+        if model == "references":
+            raise PldistillError("--on scores a model on another corpus; the references have nothing to carry over")
+        check_dataset_name(on)
+        values = {"pair": SimpleNamespace(train=dataset, test=on), "fold": fold}
     if model == "references":
         def call(settings: Params):
             from .evaluate import evaluate_references
@@ -269,9 +278,16 @@ def evaluate(
     def call(settings: Params):
         from .evaluate import evaluate_model
 
-        return evaluate_model(dataset, fold, model, settings, Layout(), method, seed)
+        return evaluate_model(dataset, fold, model, settings, Layout(), method, seed, on)
 
-    result = _run(f"evaluate-{model}", values, params, call, device, "evaluate")
+    def folds_exist(_: Params) -> None:
+        from .manifest import check_fold
+
+        for name in (dataset, on):
+            check_fold(Layout().manifest(name), fold)
+
+    stage = f"evaluate-{model}" if on is None else f"evaluate-cross-{model}"
+    result = _run(stage, values, params, call, device, "evaluate", check=folds_exist if on else None)
     console.print(f"{result['model']}: WA {result['wa']:.3f} UA {result['ua']:.3f} macro-F1 {result['macro_f1']:.3f}")
 
 

@@ -23,13 +23,14 @@ from .errors import PldistillError
 from .forward import score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels
-from .methods import METHODS, Method, TargetCollate, Teacher, distillation_terms, weighted
+from .methods import METHODS, Method
+from .terms import TargetCollate, Teacher, distillation_terms, weighted
 from .metrics import classification_metrics
-from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
+from .models import (StudentMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
                      environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
 from .prompt import PromptLayout
-from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       retrain, sharded_predictions, start_processes, train_with_validation)
+from .training import (LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything,
+                       shard, sharded_predictions, start_processes)
 from .ui import console, progress
 
 
@@ -149,7 +150,7 @@ def fresh_student(params: Params, processor, teacher_dir, seed: int, cache: Teac
 
 
 def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), method_name: str | None = None,
-            seed: int | None = None) -> ModelMeta:
+            seed: int | None = None) -> StudentMeta:
     """Train the student of one method (default `distill.method`) with one seed (default `seed`) on the
     fold's cached targets, keeping the epoch that scores best on validation (with `refit`, then
     retraining afresh on train + validation for that many epochs); data-parallel over the processes
@@ -172,13 +173,13 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     prompt = PromptLayout.from_processor(processor, labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher_dir, prompt, params), prompt)
     columns = method.columns
-    if cache.meta.cache["projector_targets"] == "gram" and method.projector in ("aw_cka", "cka"):
+    if cache.meta.cache.projector_targets == "gram" and method.projector in ("aw_cka", "cka"):
         columns += ("gram",)
     train = with_labels(cache.split("train", columns), method, p.label_fraction)
     validation = cache.split("validation", columns)
     if not len(train) or not len(validation):
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
-    teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
+    teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache.temperature,
                          weights.get("cka_estimator", "biased"))
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
     vocab = student.model.config.text_config.vocab_size
@@ -212,34 +213,33 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
 
     # the same batch every epoch: the first that holds a labelled clip (the gradients are shares of CE's)
     probe_batch = collate([train[i] for i in next(b for b in train.batches(p.batch_size) if train.labelled[b].any())])
-    made_by = ModelMeta(
-        "distill", dataset, fold, labels, prompt.text, params.model.preset, seed,
-        {"distill": {**{k: getattr(p, k) for k in DISTILL_KEYS}, "weights": {method_name: weights}},
-         "model": params.section("model"), "preprocess": preprocessing(params)},
-        environment(device), method=method_name,
-        student_llm=student.origin, teacher=provenance(teacher_dir), cache=dataclasses.asdict(cache.meta))
-    work = layout.work(dataset, fold, name)
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
-    run_id = fingerprint(dataclasses.asdict(made_by))
-    result = train_with_validation(step(student), batches(train), validate, settings, len(batches(train)(0)), work,
-                                   run_id, f"distill {name} {dataset} fold {fold}",
-                                   lambda: probe(student.model, probe_batch, method, teacher, lambda_p, lambda_l,
-                                                 student.adapter, device))
-    refit = None
-    if p.refit:  # the chosen epoch count, from the same start, on train + validation
+    made_by = StudentMeta(
+        dataset=dataset, fold=fold, labels=labels, prompt=prompt.text, preset=params.model.preset, seed=seed,
+        params={"distill": {**{k: getattr(p, k) for k in DISTILL_KEYS}, "weights": {method_name: weights}},
+                "model": params.section("model"), "preprocess": preprocessing(params)},
+        versions=environment(device), method=method_name, student_llm=student.origin, teacher=provenance(teacher_dir),
+        cache=dataclasses.asdict(cache.meta))
+    def refit() -> Run:  # the chosen epoch count, from the same start, on train + validation
+        nonlocal student
         everything = with_labels(cache.split(("train", "validation"), columns), method, p.label_fraction)
         teacher_constants(everything, method, teacher.to("cpu"), prompt, p.batch_size, vocab, p.teacher_memory_mb)
         student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
-        refit = retrain(step(student), batches(everything), settings, result, len(batches(everything)(0)), work, run_id,
-                        f"refit {name} {dataset} fold {fold} on train + validation", len(everything))
-    summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
-                                  history=tuple(result.history), refit=refit)
-    if processes.is_main_process:
-        if student.lora is not None:
-            student.lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model
-        save_model(student.model, processor, layout.student(dataset, fold, name), summary)
-        finish_work(work)
-    processes.wait_for_everyone()
-    console.print(f"{name}: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}"
+        return Run(step(student), batches(everything), len(batches(everything)(0)), len(everything))
+
+    def save(result: LoopResult, refit: dict | None, write: bool) -> StudentMeta:
+        summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
+                                      history=tuple(result.history), refit=refit)
+        if write:
+            if student.lora is not None:
+                student.lora.merge_and_unload()  # the saved student is a plain Qwen2-Audio model
+            save_model(student.model, processor, layout.student(dataset, fold, name), summary)
+        return summary
+
+    summary = fit(Run(step(student), batches(train), len(batches(train)(0))), validate, LoopSettings.of(p),
+                  layout.work(dataset, fold, name), fingerprint(dataclasses.asdict(made_by)),
+                  f"distill {name} {dataset} fold {fold}", save, refit=refit if p.refit else None, processes=processes,
+                  diagnose=lambda: probe(student.model, probe_batch, method, teacher, lambda_p, lambda_l,
+                                         student.adapter, device))
+    console.print(f"{name}: best validation UA {summary.validation_ua:.3f} at epoch {summary.best_epoch}"
                   + (" (refit on train + validation)" if p.refit else ""))
     return summary

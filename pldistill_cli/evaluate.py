@@ -9,20 +9,22 @@ metrics/<dataset>/fold<k>/: `<name>.json` (the numbers people compare: DVC metri
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import Params
+from .config import Params, params_file
 from .data import AudioClips, AudioCollate, text_batch
+from .errors import PldistillError
 from .files import atomic_path, write_json
 from .forward import encode_audio, forward_with_audio_attention
 from .layout import Layout, student_name
 from .manifest import manifest_labels, read_manifest, select_split
 from .metrics import UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline
-from .models import ModelMeta, count_parameters, environment, load_model, weights_dtype
+from .models import ModelMeta, StudentMeta, count_parameters, environment, load_model, weights_dtype
 from .prompt import PromptLayout
 from .scoring import Scored, predict_audio
 from .training import resolve_device
@@ -88,10 +90,43 @@ def _details(name: str, dataset: str, fold: int, test: pd.DataFrame, predictions
             "labels": list(labels), **extra}
 
 
+def cross_corpus_test(train: str, test: str, fold: int, params: Params, layout: Layout = Layout()
+                      ) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """`test`'s test split of the fold for models trained on `train`: its labels renamed by the cross_corpus
+    entry's label_map (none: the same words), only the clips whose label `train` has too; and those shared
+    labels, in `train`'s prompt order."""
+    entry = next((e for e in params.cross_corpus if (e.train, e.test) == (train, test)), None)
+    renamed = entry.label_map if entry else {}
+    source, target = manifest_labels(layout.manifest(train)), manifest_labels(layout.manifest(test))
+    where = f"{params_file(params)}: cross_corpus ({train} -> {test}) label_map"
+    for word, meant in renamed.items():
+        if word not in target or meant not in source:
+            raise PldistillError(f"{where}: maps {word} to {meant}, but {test}'s labels are {', '.join(target)} and "
+                                 f"{train}'s {', '.join(source)}; map a label of {test} to one of {train}")
+    rows = select_split(read_manifest(layout.manifest(test)), fold, "test")
+    rows = rows.assign(label=rows["label"].map(lambda word: renamed.get(word, word)))
+    shared = tuple(word for word in source if word in set(rows["label"]))
+    if len(shared) < 2:
+        raise PldistillError(f"{train} and {test} share {len(shared)} label(s) in fold {fold}'s test split "
+                             f"({', '.join(shared) or 'none'}); map {test}'s labels to {train}'s in {where}")
+    return rows[rows["label"].isin(shared)].reset_index(drop=True), shared
+
+
+def among(scored: Scored, labels: tuple[str, ...], shared: tuple[str, ...]) -> Scored:
+    """The answers restricted to `shared`, a subset of the prompt's `labels`: a ranked answer is the best-scored
+    of them (the scores keep their columns only), a generated answer outside them is unmatched."""
+    if scored.scores is not None:
+        kept = scored.scores[:, [labels.index(word) for word in shared]]
+        return dataclasses.replace(scored, predictions=[shared[j] for j in kept.argmax(1)], scores=kept)
+    return dataclasses.replace(scored, predictions=[a if a in shared else UNMATCHED for a in scored.predictions])
+
+
 def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: Layout = Layout(),
-                   method: str | None = None, seed: int | None = None) -> dict:
+                   method: str | None = None, seed: int | None = None, on: str | None = None) -> dict:
     """Score the teacher or a student run (method, seed) on the fold's test split; writes its outputs
-    under the name `teacher` or `student-<method>-s<seed>`."""
+    under the name `teacher` or `student-<method>-s<seed>`. With `on` (cross-corpus), on dataset `on`'s
+    test split of the fold instead, on the labels the two share (cross_corpus_test): a ranked answer is the
+    best of those, a generated answer outside them counts wrong (unmatched)."""
     p = params.evaluate
     if which == "teacher":
         name, folder = "teacher", layout.teacher(dataset, fold)
@@ -99,25 +134,36 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
         name = student_name(method or params.distill.method, params.seed if seed is None else seed)
         folder = layout.student(dataset, fold, name)
     labels = manifest_labels(layout.manifest(dataset))
-    test = select_split(read_manifest(layout.manifest(dataset)), fold, "test")
+    if on is None:
+        test, scored_labels = select_split(read_manifest(layout.manifest(dataset)), fold, "test"), labels
+    else:
+        test, scored_labels = cross_corpus_test(dataset, on, fold, params, layout)
     device = resolve_device(p.device)
     model, processor = load_model(folder, device, dtype=weights_dtype(params.model.dtype, device, frozen=True))
     prompt = PromptLayout.from_processor(processor, labels)
     scored = predict_audio(model, processor, prompt, test, p.batch_size, device, f"evaluate {name}", p.scoring,
                            p.max_new_tokens)
+    if on is not None:
+        scored = among(scored, labels, scored_labels)
     made_by = ModelMeta.read(folder)
-    details = _details(name, dataset, fold, test, scored.predictions, labels, params.seed, {
-        "method": made_by.method, "seed": made_by.seed, "parameters": count_parameters(model),
+    student = isinstance(made_by, StudentMeta)
+    behind = ({"student_llm": made_by.student_llm, "teacher": dataclasses.asdict(made_by.teacher)} if student
+              else {"checkpoint": made_by.checkpoint})
+    details = _details(name, dataset, fold, test, scored.predictions, scored_labels, params.seed, {
+        **({"on": on} if on else {}),  # cross-corpus: scored on this dataset's test split
+        "method": made_by.method if student else None, "seed": made_by.seed, "parameters": count_parameters(model),
         "scoring": SCORING[p.scoring], "model_weights": made_by.weights,
         # real checkpoints behind the model: the teacher's, or the student's LLM and its teacher's
-        "checkpoints": {k: getattr(made_by, k) for k in ("checkpoint", "student_llm", "teacher") if getattr(made_by, k)},
+        "checkpoints": {k: v for k, v in behind.items() if v},
         "trained_with": made_by.versions, "versions": environment(device),
         "params": {"evaluate": params.section("evaluate")},
     })
-    write_json(layout.metrics(dataset, fold, name), {"test": headline(details)})
-    write_json(layout.details(dataset, fold, name), details)
-    _write_predictions(layout.predictions(dataset, fold, name), test, {"prediction": scored.predictions}, labels,
-                       scored)
+    write_json(layout.metrics(dataset, fold, name, on), {"test": headline(details)})
+    write_json(layout.details(dataset, fold, name, on), details)
+    _write_predictions(layout.predictions(dataset, fold, name, on), test, {"prediction": scored.predictions},
+                       scored_labels, scored)
+    if on is not None:  # cross-corpus: the scores only (timings and attention are the model's own fold's)
+        return details
     timed = test.head(LATENCY_CLIPS)
     write_json(layout.latency(dataset, fold, name), {
         **repeated_latency(lambda k: predict_audio(model, processor, prompt, timed, p.batch_size, device,

@@ -17,7 +17,7 @@ import yaml
 from .files import write_text
 from .inputs import check_export_destination
 from .labels import CORPUS_LICENCES
-from .models import ModelMeta, count_parameters, load_model, save_model
+from .models import ExportMeta, StudentMeta, count_parameters, load_model, save_model
 from .prompt import END_OF_TURN, SYSTEM_PROMPT, user_prompt
 
 # Hub licence identifiers: the data's terms bind the weights trained on it.
@@ -27,14 +27,15 @@ LICENCES = {"synthetic": "apache-2.0", "ravdess": "cc-by-nc-sa-4.0"}
 def export_student(model_dir: Path, out_dir: Path, metrics_file: Path | None = None) -> Path:
     """The student with any LoRA merged, in fp32, with its processor, label set and model card."""
     check_export_destination(out_dir)
-    made_by = ModelMeta.read(model_dir)
+    made_by = StudentMeta.read(model_dir)
     model, processor = load_model(model_dir)
     model = model.float()
     model.config.id2label = dict(enumerate(made_by.labels))
     model.config.label2id = {label: i for i, label in enumerate(made_by.labels)}
     metrics = json.loads(metrics_file.read_text()).get("test", {}) if metrics_file and metrics_file.exists() else {}
-    meta = dataclasses.replace(made_by, stage="export", history=(),
-                               test_metrics={k: metrics[k] for k in ("wa", "ua", "macro_f1") if k in metrics} or None)
+    kept = {f.name: getattr(made_by, f.name) for f in dataclasses.fields(made_by) if f.name != "stage"}
+    meta = ExportMeta(**{**kept, "history": ()},
+                      test_metrics={k: metrics[k] for k in ("wa", "ua", "macro_f1") if k in metrics} or None)
     save_model(model, processor, out_dir, meta)
     write_text(out_dir / "README.md", model_card(meta, count_parameters(model)))
     return out_dir
@@ -88,9 +89,9 @@ def usage(labels) -> str:
             .replace("END", json.dumps(END_OF_TURN)))
 
 
-def _front_matter(meta: ModelMeta) -> dict:
+def _front_matter(meta: ExportMeta) -> dict:
     m = meta.test_metrics or {}
-    bases = [c["source"] for c in (meta.checkpoint, meta.student_llm, (meta.teacher or {}).get("checkpoint"))
+    bases = [c["source"] for c in (meta.student_llm, meta.teacher.checkpoint)
              if c and "/" in str(c.get("source", "")) and not Path(c["source"]).exists()]
     split = f"test (fold {meta.fold}, speaker-independent)"
     return {
@@ -116,20 +117,19 @@ def _front_matter(meta: ModelMeta) -> dict:
     }
 
 
-def teacher_source(meta: ModelMeta) -> str:
+def teacher_source(meta: ExportMeta) -> str:
     """The student's teacher by where it came from (a checkpoint and its revision, or a preset that
     pldistill trained), never by the folder it sat in on the machine that made it."""
-    base = (meta.teacher or {}).get("checkpoint")
+    base = meta.teacher.checkpoint
     data = f"{meta.dataset} fold {meta.fold}"
     if base:
         return f"`{base['source']}` at revision `{base['revision']}`, the teacher pldistill used on {data}"
     return f"{meta.preset} preset, trained by pldistill on {data}"
 
 
-def model_card(meta: ModelMeta, parameters: int) -> str:
+def model_card(meta: ExportMeta, parameters: int) -> str:
     m = meta.test_metrics
     scores = f"WA {m['wa']:.3f}, UA {m['ua']:.3f}, macro-F1 {m['macro_f1']:.3f}" if m else "not evaluated"
-    teacher = meta.teacher or {}
     versions = ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items()))
     return f"""---
 {yaml.safe_dump(_front_matter(meta), sort_keys=False).strip()}
@@ -140,7 +140,7 @@ def model_card(meta: ModelMeta, parameters: int) -> str:
 - **Model**: `Qwen2AudioForConditionalGeneration`, {parameters:,} parameters (fp32, any LoRA merged); the
   labels are in `config.id2label`.
 - **Method**: {meta.method} (student seed {meta.seed}), distilled from the teacher below.
-- **Teacher**: {teacher_source(meta)} (weights {teacher.get('weights')}).
+- **Teacher**: {teacher_source(meta)} (weights {meta.teacher.weights}).
 - **Data**: {meta.dataset}, fold {meta.fold} (speaker-independent; checkpoint chosen on validation).
   Licence of the data: {CORPUS_LICENCES.get(meta.dataset, 'see the corpus terms')}
 - **Labels**: {', '.join(meta.labels)}

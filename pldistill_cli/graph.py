@@ -17,20 +17,41 @@ from __future__ import annotations
 
 import ast
 import re
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
 from .config import CACHE_KEYS, DISTILL_KEYS, PREPROCESS_KEYS
-from .layout import REPORT_FILES, Layout
+from .layout import REPORT_FILES, Layout, student_name
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
-AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "seeds"}  # axis -> params.yaml list
+# axis -> its params.yaml list; a `pair` is a cross_corpus entry (templates read `{pair.train}`, `{pair.test}`)
+AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "seeds", "pair": "cross_corpus"}
+OPTIONS = ("dataset", "fold", "method", "seed")  # the axes that are command options (--dataset ...)
+
+
+class _Placeholder:
+    """An axis in a template: `{fold}` formats as show("fold"), `{pair.train}` as show("pair.train")."""
+
+    def __init__(self, axis: str, show):
+        self.axis, self.show = axis, show
+
+    def __format__(self, spec: str) -> str:
+        return self.show(self.axis)
+
+    def __getattr__(self, key: str) -> str:
+        return self.show(f"{self.axis}.{key}")
+
+
+def _placeholders(show) -> dict:
+    return {a: _Placeholder(a, show) for a in AXES}
 _L = Layout()
-_RUN = "student-{method}-s{seed}"
+_RUN = student_name("{method}", "{seed}")
 ENCODER = str(_L.encoder())
 TEACHER_INIT = str(_L.teacher_init())
 PREPARED = str(_L.prepared("{dataset}"))
@@ -39,10 +60,16 @@ CACHE = str(_L.cache("{dataset}", "{fold}"))
 STUDENT = str(_L.student("{dataset}", "{fold}", _RUN))
 
 
-def _evaluated(name: str) -> dict:
+def _evaluated(name: str, dataset: str = "{dataset}", on: str | None = None) -> dict:
     """What evaluate writes for one model: its metrics (DVC metrics) and other outputs."""
-    return {"metrics": (str(_L.metrics("{dataset}", "{fold}", name)),),
-            "outs": (str(_L.details("{dataset}", "{fold}", name)), str(_L.predictions("{dataset}", "{fold}", name)))}
+    return {"metrics": (str(_L.metrics(dataset, "{fold}", name, on)),),
+            "outs": (str(_L.details(dataset, "{fold}", name, on)), str(_L.predictions(dataset, "{fold}", name, on)))}
+
+
+# cross-corpus: a cross_corpus pair's models (trained on {pair.train}) scored on {pair.test}'s clips
+_CROSS = "evaluate --model {model} --dataset {pair.train} --on {pair.test}"
+_CROSS_PARAMS = ("seed", "cpu_threads", "model.dtype", "evaluate", "preprocess.sample_rate", "cross_corpus")
+_CROSS_DATA = (str(_L.prepared("{pair.train}")), str(_L.prepared("{pair.test}")))
 
 
 @dataclass(frozen=True)
@@ -57,7 +84,12 @@ class Stage:
     launcher: bool = False  # started through params.yaml's `launcher` (torchrun / accelerate launch)
 
     def fill(self, text: str, values: dict) -> str:
+        """A template with the matrix values (a pair's as a namespace with .train and .test)."""
         return text.format(**values)
+
+    def cli(self, values: dict) -> str:
+        """The command line (after `pldistill`) that runs the stage for these matrix values."""
+        return self.fill(self.command + "".join(f" --{a} {{{a}}}" for a in self.axes if a in OPTIONS), values)
 
     def param_keys(self, values: dict) -> list[str]:
         return [self.fill(p, values) for p in self.params]
@@ -100,8 +132,15 @@ STAGES: dict[str, Stage] = {
     "evaluate-references": Stage("evaluate --model references", "evaluate", ("dataset", "fold"),
                                  ("seed", "preprocess.workers", "evaluate.references"), deps=(PREPARED,),
                                  **_evaluated("references")),
+    "evaluate-cross-teacher": Stage(_CROSS.replace("{model}", "teacher"), "evaluate", ("pair", "fold"), _CROSS_PARAMS,
+                                    deps=(*_CROSS_DATA, str(_L.teacher("{pair.train}", "{fold}"))),
+                                    **_evaluated("teacher", "{pair.train}", "{pair.test}")),
+    "evaluate-cross-student": Stage(_CROSS.replace("{model}", "student"), "evaluate", ("pair", "fold", "method", "seed"),
+                                    _CROSS_PARAMS, deps=(*_CROSS_DATA, str(_L.student("{pair.train}", "{fold}", _RUN))),
+                                    **_evaluated(_RUN, "{pair.train}", "{pair.test}")),
     "report": Stage("report", "report", (),
-                    ("seed", "datasets", "folds", "methods", "seeds", "model", "distill", "evaluate", "cache", *_PRE),
+                    ("seed", "datasets", "folds", "methods", "seeds", "cross_corpus", "model", "distill", "evaluate",
+                     "cache", *_PRE),
                     deps=(str(_L.metrics_root), str(_L.data / "runs"), str(_L.data / "prepared")),
                     outs=tuple(str(_L.report_root / name) for name in REPORT_FILES)),
 }
@@ -111,9 +150,13 @@ def producer(path: str) -> tuple[str, dict] | None:
     """The stage (and matrix values) whose output `path` is, if any."""
     for name, stage in STAGES.items():
         for template in stage.outs + stage.metrics:
-            m = re.fullmatch(template.replace(".", r"\.").format(**{a: f"(?P<{a}>[^/]+)" for a in AXES}), path)
+            # a named group per placeholder (`{pair.train}` -> pair__train), the rest literal
+            m = re.fullmatch("".join(re.escape(text) + (f"(?P<{field.replace('.', '__')}>[^/]+)" if field else "")
+                                     for text, field, _, _ in string.Formatter().parse(template)), path)
             if m:
-                return name, {k: v for k, v in m.groupdict().items() if v is not None}
+                found = {k: v for k, v in m.groupdict().items() if v is not None}
+                pair = {k.split("__")[1]: found.pop(k) for k in list(found) if "__" in k}
+                return name, {**found, **({"pair": SimpleNamespace(**pair)} if pair else {})}
     return None
 
 
@@ -183,7 +226,7 @@ def code_deps(stage: Stage) -> list[str]:
 
 
 def _dvc(text: str, axes: tuple[str, ...]) -> str:
-    return text.format(**{a: "${item.%s}" % a for a in axes})
+    return text.format(**_placeholders(lambda name: "${item.%s}" % name))
 
 
 def _out(path: str, axes, **extra) -> dict:
@@ -196,11 +239,10 @@ def _out(path: str, axes, **extra) -> dict:
 def dvc_stage(stage: Stage) -> dict:
     axes = stage.axes
     start = "${launcher}" if stage.launcher else "pldistill"
-    options = "".join(f" --{a} {{{a}}}" for a in axes)
     entry: dict = {}
     if axes:
         entry["matrix"] = {a: "${%s}" % AXES[a] for a in axes}
-    entry["cmd"] = start + _dvc(f" {stage.command}{options}", axes)
+    entry["cmd"] = f"{start} {stage.cli(_placeholders(lambda name: '${item.%s}' % name))}"
     entry["deps"] = [_dvc(d, axes) for d in stage.deps] + code_deps(stage)
     entry["params"] = [_dvc(p, axes) for p in stage.params]
     if stage.outs:

@@ -29,7 +29,7 @@ def how_to_make(path: Path | str) -> str:
     made = producer(str(path))
     if not made:
         return ""
-    return f"pldistill {STAGES[made[0]].command}" + "".join(f" --{k} {v}" for k, v in made[1].items())
+    return f"pldistill {STAGES[made[0]].cli(made[1])}"
 
 
 def _redo(folder: Path) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 REPORT_FILES = ("report.md", "report.html", "training_curves.csv", "predictions.csv", "figures")  # what the report stage owns in report/
 
 
-def student_name(method: str, seed: int) -> str:
-    """A student run: one method trained with one seed (also its metrics name)."""
+def student_name(method: str, seed: int | str) -> str:
+    """A student run: one method trained with one seed (also its metrics name; graph.py's template)."""
     return f"student-{method}-s{seed}"
 
 
@@ -59,17 +59,23 @@ class Layout:
         it, so DVC never deletes it."""
         return self.data / "work" / (dataset or "") / (f"fold{fold}" if fold is not None else "") / stage
 
-    def metrics(self, dataset: str, fold: int, model: str) -> Path:
-        return self.metrics_root / dataset / f"fold{fold}" / f"{model}.json"
+    def scores(self, dataset: str, fold: int, on: str | None = None) -> Path:
+        """Where evaluate writes the scores of a fold's models: on its own test split, or (cross-corpus) on
+        dataset `on`'s test split of the same fold, in on-<on>/."""
+        folder = self.metrics_root / dataset / f"fold{fold}"
+        return folder / f"on-{on}" if on else folder
 
-    def details(self, dataset: str, fold: int, model: str) -> Path:
-        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-details.json"
+    def metrics(self, dataset: str, fold: int, model: str, on: str | None = None) -> Path:
+        return self.scores(dataset, fold, on) / f"{model}.json"
+
+    def details(self, dataset: str, fold: int, model: str, on: str | None = None) -> Path:
+        return self.scores(dataset, fold, on) / f"{model}-details.json"
 
     def latency(self, dataset: str, fold: int, model: str) -> Path:
-        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-latency.json"
+        return self.scores(dataset, fold) / f"{model}-latency.json"
 
     def attention_examples(self, dataset: str, fold: int) -> Path:
-        return self.metrics_root / dataset / f"fold{fold}" / "teacher-attention.json"
+        return self.scores(dataset, fold) / "teacher-attention.json"
 
-    def predictions(self, dataset: str, fold: int, model: str) -> Path:
-        return self.metrics_root / dataset / f"fold{fold}" / f"{model}-predictions.csv"
+    def predictions(self, dataset: str, fold: int, model: str, on: str | None = None) -> Path:
+        return self.scores(dataset, fold, on) / f"{model}-predictions.csv"

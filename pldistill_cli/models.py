@@ -14,7 +14,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import torch
 from transformers import (
@@ -29,7 +29,7 @@ from transformers import (
 from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
 from transformers.utils import logging as hf_logging
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as validated
 
 from .checkpoints import Checkpoint, resolve_checkpoint, weights_fingerprint
@@ -37,6 +37,7 @@ from .config import Params, fingerprint
 from .errors import PldistillError
 from .files import fresh_folder, replace_folder, write_json
 from .labels import LABEL_SETS
+from .methods import MethodName
 from .prompt import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, SYSTEM_PROMPT, user_prompt
 
 hf_logging.disable_progress_bar()
@@ -249,11 +250,22 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 @validated(frozen=True)
-class ModelMeta:
-    """pldistill.json, the metadata every model folder carries: written by train-teacher, distill and
-    export through save_model / save_reference, read (and validated) through ModelMeta.read."""
+class Provenance:
+    """What identifies a saved model in the outputs made from it (a cache's meta.json, a student's
+    pldistill.json): its folder, its weights hash and, for a model from a real checkpoint, that checkpoint."""
 
-    stage: Literal["train-teacher", "distill", "export"]
+    path: str
+    weights: Optional[str]
+    checkpoint: Optional[dict[str, str]] = None  # source, revision
+
+
+@validated(frozen=True, kw_only=True)
+class ModelMeta:
+    """pldistill.json, the metadata every model folder carries: one kind per stage that writes it
+    (TeacherMeta, StudentMeta, ExportMeta), saved through save_model / save_reference. `ModelMeta.read` reads
+    any kind (validated as the kind its `stage` names); `Kind.read` only that kind."""
+
+    stage: str
     dataset: str
     fold: int
     labels: tuple[str, ...]
@@ -262,26 +274,54 @@ class ModelMeta:
     seed: int
     params: dict[str, Any]  # the params sections that made it
     versions: dict[str, str]  # python, torch, transformers, numpy and the device that made it
-    mode: Optional[str] = None  # teacher: full | lora | zero-shot
-    method: Optional[str] = None  # student: its distillation method
-    checkpoint: Optional[dict[str, str]] = None  # a teacher from a real checkpoint: source, revision
-    base: Optional[dict[str, str]] = None  # a model kept as a reference to a checkpoint: source, revision, path
-    student_llm: Optional[dict[str, Any]] = None  # where a student's LLM came from
-    teacher: Optional[dict[str, Any]] = None  # a student's teacher: provenance()
-    cache: Optional[dict[str, Any]] = None  # a student's cache: its CacheMeta
     best_epoch: Optional[int] = None
     validation_ua: Optional[float] = None
     refit: Optional[dict[str, int]] = None  # retrained afresh after selection: {"epochs": best_epoch, "clips": train + validation}
     history: tuple[dict[str, float], ...] = ()  # per epoch: mean loss terms, validation UA, diagnostics
-    test_metrics: Optional[dict[str, Any]] = None  # export: the test scores of the exported run
     weights: Optional[str] = None  # hash of the weights, set when saved
 
     def write(self, folder: Path) -> None:
         write_json(folder / METADATA_FILE, dataclasses.asdict(self))
 
     @classmethod
-    def read(cls, folder: Path) -> "ModelMeta":
-        return _read_meta(cls, folder, "model")
+    def read(cls, folder: Path) -> "AnyModelMeta":
+        kind = AnyModelMeta if cls is ModelMeta else cls
+        return _read_meta(kind, folder, "model" if cls is ModelMeta else cls.WHAT)
+
+
+@validated(frozen=True, kw_only=True)
+class TeacherMeta(ModelMeta):
+    """train-teacher's model: a preset trained by pldistill, or a real checkpoint (fine-tuned or as is)."""
+
+    WHAT: ClassVar[str] = "teacher"
+    stage: Literal["train-teacher"] = "train-teacher"
+    mode: Literal["full", "lora", "zero-shot"]
+    checkpoint: Optional[dict[str, str]] = None  # a teacher from a real checkpoint: source, revision
+    base: Optional[dict[str, str]] = None  # a model kept as a reference to a checkpoint: source, revision, path
+
+
+@validated(frozen=True, kw_only=True)
+class StudentMeta(ModelMeta):
+    """distill's model: one method's student, trained with one seed on the teacher's cached targets."""
+
+    WHAT: ClassVar[str] = "student"
+    stage: Literal["distill"] = "distill"
+    method: MethodName
+    teacher: Provenance
+    cache: dict[str, Any]  # the cache it was trained on: its CacheMeta
+    student_llm: Optional[dict[str, Any]] = None  # where its LLM came from
+
+
+@validated(frozen=True, kw_only=True)
+class ExportMeta(StudentMeta):
+    """export's model: a student with any LoRA merged, in fp32, and the test scores of its run."""
+
+    WHAT: ClassVar[str] = "exported student"
+    stage: Literal["export"] = "export"  # type: ignore[assignment]
+    test_metrics: Optional[dict[str, Any]] = None
+
+
+AnyModelMeta = Annotated[Union[TeacherMeta, StudentMeta, ExportMeta], Field(discriminator="stage")]
 
 
 def _read_meta(cls, folder: Path, what: str, maker: str = "the stage that made it"):
@@ -479,7 +519,7 @@ def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: P
     return meta
 
 
-def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoint, meta: ModelMeta,
+def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoint, meta: TeacherMeta,
                    adapter: Any = None) -> None:
     """A model kept as a pointer to a checkpoint (`base`) plus, if given, a peft LoRA adapter: no copy
     of the checkpoint's weights. load_model resolves it."""
@@ -496,7 +536,8 @@ def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoin
 def model_files(folder: Path, missing_hint: str = "run the stage that makes it first") -> Path:
     """The folder holding a saved model's config and weights: the folder itself, or for a model kept
     as a reference (save_reference), the checkpoint it names, checked to be the same revision."""
-    base = ModelMeta.read(folder).base if (folder / METADATA_FILE).exists() else None
+    meta = ModelMeta.read(folder) if (folder / METADATA_FILE).exists() else None
+    base = meta.base if isinstance(meta, TeacherMeta) else None
     if (folder / "config.json").exists() or not base:
         qwen2_audio_config(folder, missing_hint)
         return folder
@@ -526,11 +567,10 @@ def weights_dtype(setting: str, device: torch.device, frozen: bool) -> torch.dty
     return torch.float32
 
 
-def provenance(folder: Path) -> dict[str, Any]:
-    """What identifies a saved model in the outputs made from it: its folder, weights hash and, for a
-    model from a real checkpoint, that checkpoint's source and revision."""
-    made_by = ModelMeta.read(folder)
-    return {"path": str(folder), "weights": made_by.weights, "checkpoint": made_by.checkpoint}
+def provenance(folder: Path) -> Provenance:
+    """The Provenance of the model saved in `folder`."""
+    made_by = TeacherMeta.read(folder)
+    return Provenance(str(folder), made_by.weights, made_by.checkpoint)
 
 
 def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):

@@ -11,7 +11,7 @@ import torch
 from .audio import BadAudio, read_audio
 from .forward import audio_features, encode_audio, score_labels
 from .inputs import unusable_input
-from .models import ModelMeta, load_model
+from .models import AnyModelMeta, ModelMeta, TeacherMeta, load_model
 from .prompt import PromptLayout
 from .training import resolve_device
 
@@ -26,9 +26,9 @@ TRAINED_ON = {
 }
 
 
-def describe_model(made_by: ModelMeta) -> str:
+def describe_model(made_by: AnyModelMeta) -> str:
     """Which model answers, in words: its kind, method, seed, dataset, fold and what it learnt from."""
-    if made_by.stage == "train-teacher":
+    if isinstance(made_by, TeacherMeta):
         base = made_by.checkpoint
         origin = f"{base['source']} at {base['revision']}" if base else f"{made_by.preset} preset"
         kind = f"teacher ({made_by.mode}, {origin})"
@@ -36,7 +36,7 @@ def describe_model(made_by: ModelMeta) -> str:
         kind = f"{'exported ' if made_by.stage == 'export' else ''}student {made_by.method} seed {made_by.seed}"
     data = f"{made_by.dataset} fold {made_by.fold}"
     trained_on = TRAINED_ON.get(made_by.dataset, f"your corpus `{made_by.dataset}`")
-    if made_by.mode == "zero-shot":
+    if isinstance(made_by, TeacherMeta) and made_by.mode == "zero-shot":
         return f"{kind} asked with the labels of {data}; not fine-tuned"
     return f"{kind} of {data} (trained on {trained_on})"
 

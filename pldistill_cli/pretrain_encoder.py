@@ -21,8 +21,8 @@ from .datasets.synthetic import PROSODY_TARGETS, SAMPLE_RATE, plan_pretraining, 
 from .forward import audio_features, encode_audio, step_mask
 from .layout import Layout
 from .models import EncoderMeta, begin_pretraining, build_teacher, environment, get_preset, save_pretrained
-from .training import LoopSettings, TrainingStep, finish_work, resolve_device, seed_everything, shuffled_batches, \
-    train_with_validation
+from .training import LoopResult, LoopSettings, Run, TrainingStep, fit, resolve_device, seed_everything, \
+    shuffled_batches
 from .ui import console, progress
 
 
@@ -88,17 +88,18 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
     train_rows = np.arange(held, len(plan))
     batches = lambda epoch: ([int(train_rows[i]) for i in b]
                              for b in shuffled_batches(len(train_rows), p.batch_size, params.seed + epoch))
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, max_grad_norm=1.0)
-    work = layout.work(None, None, "pretrain-encoder")
     mean_r2 = lambda: float(np.mean([v for k, v in held_out().items() if k != "tune"]))
-    result = train_with_validation(TrainingStep({"encoder": encoder, "head": head}, terms), batches, mean_r2,
-                                   settings, -(-len(train_rows) // p.batch_size), work, fingerprint(made_by),
-                                   "pretrain encoder", score_name="held_out_r2")
-    scores = {k: round(v, 4) for k, v in held_out().items()}  # of the kept (best) epoch
-    meta = EncoderMeta(source="pretrained", versions=environment(device), clips=len(plan), held_out=scores,
-                       best_epoch=result.best_epoch, history=tuple(result.history), **made_by)
-    meta = save_pretrained(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
-    finish_work(work)
+
+    def save(result: LoopResult, _refit: None, _write: bool) -> EncoderMeta:
+        scores = {k: round(v, 4) for k, v in held_out().items()}  # of the kept (best) epoch
+        meta = EncoderMeta(source="pretrained", versions=environment(device), clips=len(plan), held_out=scores,
+                           best_epoch=result.best_epoch, history=tuple(result.history), **made_by)
+        return save_pretrained(layout.encoder(), {k: v.cpu() for k, v in encoder.state_dict().items()}, meta)
+
+    run = Run(TrainingStep({"encoder": encoder, "head": head}, terms), batches, -(-len(train_rows) // p.batch_size))
+    meta = fit(run, mean_r2, LoopSettings.of(p), layout.work(None, None, "pretrain-encoder"), fingerprint(made_by),
+               "pretrain encoder", save, score_name="held_out_r2")
+    scores = meta.held_out
     console.print(f"encoder: pretrained on {len(plan) - held} clips; held-out R^2 "
                   + ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if k != "tune")
                   + f"; final tune {scores['tune']:.0%} right (chance 33%)")

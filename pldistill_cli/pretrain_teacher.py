@@ -34,8 +34,8 @@ from .models import (TeacherInitMeta, begin_pretraining, build_teacher, environm
                      save_pretrained)
 from .prompt import PromptLayout
 from .scoring import predict_clips
-from .training import LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, \
-    shuffled_batches, train_with_validation
+from .training import LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything, \
+    shuffled_batches
 from .ui import console, progress
 
 
@@ -104,16 +104,16 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
         return classification_metrics(validation.rows["label"].tolist(), predictions, labels)["ua"]
 
     batches = lambda epoch: train.loader(shuffled_batches(len(train), p.batch_size, params.seed + epoch))
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, patience=p.patience)
-    work = layout.work(None, None, "pretrain-teacher")
-    made_by_all = {**made_by, "encoder": encoder.weights}
-    result = train_with_validation(TrainingStep({"teacher": model}, terms), batches, validate, settings,
-                                   -(-len(train) // p.batch_size), work, fingerprint(made_by_all), "pretrain teacher")
-    meta = TeacherInitMeta(source="pretrained", versions=environment(device), encoder=encoder.weights, labels=labels,
-                           clips=len(plan), validation_ua=round(result.best_score, 4), best_epoch=result.best_epoch,
-                           history=tuple(result.history), **made_by)
-    meta = save_pretrained(layout.teacher_init(), {k: v.cpu() for k, v in model.state_dict().items()}, meta)
-    finish_work(work)
-    console.print(f"teacher: pretrained on {len(train)} clips; held-out voices' UA {result.best_score:.3f} "
-                  f"at epoch {result.best_epoch}")
+
+    def save(result: LoopResult, _refit: None, _write: bool) -> TeacherInitMeta:
+        meta = TeacherInitMeta(source="pretrained", versions=environment(device), encoder=encoder.weights,
+                               labels=labels, clips=len(plan), validation_ua=round(result.best_score, 4),
+                               best_epoch=result.best_epoch, history=tuple(result.history), **made_by)
+        return save_pretrained(layout.teacher_init(), {k: v.cpu() for k, v in model.state_dict().items()}, meta)
+
+    run = Run(TrainingStep({"teacher": model}, terms), batches, -(-len(train) // p.batch_size))
+    meta = fit(run, validate, LoopSettings.of(p), layout.work(None, None, "pretrain-teacher"),
+               fingerprint({**made_by, "encoder": encoder.weights}), "pretrain teacher", save)
+    console.print(f"teacher: pretrained on {len(train)} clips; held-out voices' UA {meta.validation_ua:.3f} "
+                  f"at epoch {meta.best_epoch}")
     return meta

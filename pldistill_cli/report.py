@@ -5,6 +5,7 @@ diagnostics that say whether each distillation term was alive, and the pictures 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -32,7 +33,7 @@ from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest
 from .methods import METHODS
 from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, holm, smallest_p, speaker_paired_test
-from .models import ModelMeta
+from .models import StudentMeta, TeacherMeta
 from .prompt import PromptLayout
 
 CURVES = ("loss", "ce", "cka", "mse", "kl", "validation_ua")  # the per-epoch terms drawn
@@ -374,7 +375,7 @@ def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels
     teacher = layout.teacher(dataset, fold)
     prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(teacher), labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher, prompt, params), prompt)
-    k, temperature = cache.meta.cache["top_k"], cache.meta.cache["temperature"]
+    k, temperature = cache.meta.cache.top_k, cache.meta.cache.temperature
     rows = cache.table(["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"])
     found = []
     for r in rows.itertuples():
@@ -695,9 +696,9 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
                         _latency(timings, pictures / f"{dataset}-latency.png"),
                         latency_notes({n: [e + l for e, l in zip(*t)] for n, t in timings.items()})))
         fold = folds[0]
-        histories = {"teacher": list(ModelMeta.read(layout.teacher(dataset, fold)).history)}
+        histories = {"teacher": list(TeacherMeta.read(layout.teacher(dataset, fold)).history)}
         for method in params.methods:
-            histories[method] = list(ModelMeta.read(layout.student(dataset, fold, names[method])).history)
+            histories[method] = list(StudentMeta.read(layout.student(dataset, fold, names[method])).history)
         for name, history in histories.items():
             curves_rows += [{"run": f"{dataset}/fold{fold}/{name}", **r} for r in history]
         figures.append((f"{dataset} fold {fold}: training curves of each loss term (per-epoch means) and validation UA",
@@ -708,6 +709,7 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
         if examples:
             figures.append((f"{dataset} fold {fold}: teacher attention over time on test clips",
                             _attention_figure(examples, pictures / f"{dataset}-attention.png"), []))
+    md += cross_corpus_section(params, layout)
     md += ["## Pictures", ""]
     for caption, path, notes in figures:
         md += [f"### {caption}", "", f"![{caption}]({path.relative_to(out)})", "", *(f"{n}\n" for n in notes)]
@@ -719,13 +721,45 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
            "```json",
            json.dumps({"seed": params.seed, "seeds": list(params.seeds), "methods": list(params.methods),
                        "model": params.section("model"), "cache": params.section("cache"),
-                       "distill": params.section("distill"), "evaluate": params.section("evaluate")}, indent=2),
+                       "distill": params.section("distill"), "evaluate": params.section("evaluate"),
+                       **({"cross_corpus": [dataclasses.asdict(p) for p in params.cross_corpus]}
+                          if params.cross_corpus else {})}, indent=2),
            "```", ""]
     pd.DataFrame(curves_rows).to_csv(out / "training_curves.csv", index=False)
     write_text(out / "predictions.csv", pd.concat(predictions).to_csv(index=False, lineterminator="\n"))
     text = "\n".join(md)
     write_text(out / "report.md", text)
     write_text(out / "report.html", render_html(text, out))
+
+
+def cross_corpus_section(params: Params, layout: Layout) -> list[str]:
+    """A table per cross_corpus pair: each model trained on `train` (teacher, every method), its UA on `train`'s
+    own test split beside its UA, WA and macro-F1 on `test`'s (the labels the two share), over folds and seeds."""
+    if not params.cross_corpus:
+        return []
+    md = ["## Cross-corpus", "",
+          "Each pair's models, trained on the first corpus, scored on the second's test split of the same fold "
+          "(EmoBox's cross-corpus track): only the clips whose label the first corpus has too, answered among those "
+          "labels. Mean ± sample sd over folds and seeds.", ""]
+    folds = list(params.folds)
+    for pair in params.cross_corpus:
+        runs = {"teacher": [(f, "teacher") for f in folds],
+                **{m: [(f, student_name(m, s)) for f in folds for s in params.seeds] for m in params.methods}}
+        rows = []
+        for name, outputs in runs.items():
+            own = [_load(layout.details(pair.train, f, out)) for f, out in outputs]
+            cross = [_load(layout.details(pair.train, f, out, pair.test)) for f, out in outputs]
+            rows.append([name, _mean_sd([d["ua"] for d in own]), *(_mean_sd([d[k] for d in cross])
+                                                                   for k in ("ua", "wa", "macro_f1")),
+                         sum(d["n"] for d in cross), len(cross)])
+        shared = cross[0]["labels"]
+        renamed = ", ".join(f"{a} → {b}" for a, b in pair.label_map.items())
+        md += [f"### {pair.train} → {pair.test}", "",
+               f"{len(shared)} shared labels (chance UA {1 / len(shared):.3f}): {', '.join(shared)}"
+               + (f"; {pair.test}'s labels renamed: {renamed}" if renamed else "") + ".", ""]
+        md += table(rows, ["model", f"UA on {pair.train}", f"UA on {pair.test}", f"WA on {pair.test}",
+                           f"macro-F1 on {pair.test}", "clips scored", "runs"]) + [""]
+    return md
 
 
 def _comparisons(models: dict[str, Runs], params: Params) -> list[str]:
@@ -749,12 +783,12 @@ def _diagnostics_section(params: Params, layout: Layout, dataset: str, models: d
     runs = {}
     for m, found in models.items():
         if m != "teacher":
-            metas = [ModelMeta.read(layout.student(dataset, f, out)) for f, _, out in found.runs]
+            metas = [StudentMeta.read(layout.student(dataset, f, out)) for f, _, out in found.runs]
             runs[m] = [(list(meta.history), meta.best_epoch) for meta in metas]
     soft = float(stats["soft_target"].mean())
     rows, notes, inert = diagnostics(runs, share, soft)
     temperature = stats["temperature"].iloc[0]
-    mode = ModelMeta.read(layout.teacher(dataset, models["teacher"].runs[0][0])).mode or "full"
+    mode = TeacherMeta.read(layout.teacher(dataset, models["teacher"].runs[0][0])).mode
     trained = {m: trained_share(stats, m, mode) for m in runs}
     trained = {m: v for m, v in trained.items() if not np.isnan(v)}
     md = ["### Are the distillation terms alive?", "",

@@ -24,18 +24,17 @@ from .layout import Layout
 from .losses import answer_cross_entropy
 from .manifest import manifest_labels, read_manifest, select_split
 from .metrics import classification_metrics
-from .models import (ModelMeta, add_lora, build_processor, build_teacher, check_sample_rate, count_parameters,
+from .models import (TeacherMeta, add_lora, build_processor, build_teacher, check_sample_rate, count_parameters,
                      environment, get_preset, pretrained_encoder, pretrained_teacher, save_model, save_reference,
                      weights_dtype)
 from .prompt import PromptLayout
 from .scoring import predict_clips
-from .training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything, shard,
-                       retrain, sharded_predictions, shuffled_batches, start_processes,
-                       train_with_validation)
+from .training import (LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything,
+                       shard, sharded_predictions, shuffled_batches, start_processes)
 from .ui import console
 
 
-def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> ModelMeta:
+def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layout()) -> TeacherMeta:
     labels = manifest_labels(layout.manifest(dataset))
     manifest = read_manifest(layout.manifest(dataset))
     train = select_split(manifest, fold, "train")
@@ -67,9 +66,10 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         sections["init"] = {"source": init.source, "weights": init.weights}
     check_sample_rate(processor, params.preprocess.sample_rate)
     prompt = PromptLayout.from_processor(processor, labels)
-    made_by = ModelMeta(
-        "train-teacher", dataset, fold, labels, prompt.text, params.model.preset, params.seed, sections,
-        environment(device), mode=p.mode, checkpoint={"source": base.source, "revision": base.revision} if base else None)
+    made_by = TeacherMeta(
+        dataset=dataset, fold=fold, labels=labels, prompt=prompt.text, preset=params.model.preset, seed=params.seed,
+        params=sections, versions=environment(device), mode=p.mode,
+        checkpoint={"source": base.source, "revision": base.revision} if base else None)
     if p.mode == "zero-shot":
         if processes.is_main_process:
             save_reference(folder, processor, base, made_by)
@@ -132,27 +132,27 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
         predictions = sharded_predictions(len(validation), predict, processes)
         return classification_metrics(validation["label"].tolist(), predictions, labels)["ua"]
 
-    work = layout.work(dataset, fold, "train-teacher")
-    settings = LoopSettings(p.epochs, p.lr, p.weight_decay, p.max_grad_norm, p.grad_accum, patience=p.patience)
-    run_id = fingerprint(dataclasses.asdict(made_by))
-    train_clips = Clips(train, processor, in_memory)
-    result = train_with_validation(step(train_clips, model), batches(train_clips), validate, settings,
-                                   len(own(train_clips, 0)), work, run_id, f"train teacher {dataset} fold {fold}")
-    refit = None
-    if p.refit:  # the chosen epoch count, from the same start, on train + validation
-        everything = Clips(pd.concat([train, validation], ignore_index=True), processor, in_memory)
-        model, lora = fresh()
-        refit = retrain(step(everything, model), batches(everything), settings, result, len(own(everything, 0)), work,
-                        run_id, f"refit teacher {dataset} fold {fold} on train + validation", len(everything))
-    summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
-                                  history=tuple(result.history), refit=refit)
-    if processes.is_main_process:
-        if lora is not None:
+    def run_on(clips: Clips, fresh_start: bool = False) -> Run:
+        nonlocal model, lora
+        if fresh_start:  # a refit: the same start as the validated run
+            model, lora = fresh()
+        return Run(step(clips, model), batches(clips), len(own(clips, 0)), len(clips))
+
+    def save(result: LoopResult, refit: dict | None, write: bool) -> TeacherMeta:
+        summary = dataclasses.replace(made_by, best_epoch=result.best_epoch, validation_ua=result.best_score,
+                                      history=tuple(result.history), refit=refit)
+        if write and lora is not None:
             save_reference(folder, processor, base, summary, adapter=lora)
-        else:
+        elif write:
             save_model(model, processor, folder, summary)
-        finish_work(work)
-    processes.wait_for_everyone()
-    console.print(f"teacher: best validation UA {result.best_score:.3f} at epoch {result.best_epoch}"
-                  + (" (refit on train + validation)" if refit else ""))
+        return summary
+
+    def refit() -> Run:  # the chosen epoch count, from the same start, on train + validation
+        return run_on(Clips(pd.concat([train, validation], ignore_index=True), processor, in_memory), fresh_start=True)
+
+    summary = fit(run_on(Clips(train, processor, in_memory)), validate, LoopSettings.of(p),
+                  layout.work(dataset, fold, "train-teacher"), fingerprint(dataclasses.asdict(made_by)),
+                  f"train teacher {dataset} fold {fold}", save, refit=refit if p.refit else None, processes=processes)
+    console.print(f"teacher: best validation UA {summary.validation_ua:.3f} at epoch {summary.best_epoch}"
+                  + (" (refit on train + validation)" if summary.refit else ""))
     return summary

@@ -1,4 +1,5 @@
-"""The training loop shared by train-teacher and distill: AdamW, cosine schedule, gradient
+"""The training loop and fitting routine shared by every training stage (pretrain-encoder, pretrain-teacher,
+train-teacher, distill): AdamW, cosine schedule, gradient
 accumulation, clipping, bf16 autocast on CUDA, selection on the validation split, resumption
 from a per-epoch state kept in a work folder that DVC does not delete, and data parallelism over
 the processes that torchrun or `accelerate launch` started (accelerate's DDP)."""
@@ -13,7 +14,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
@@ -104,6 +105,14 @@ class LoopSettings:
     grad_accum: int = 1
     warmup_steps: int = 0
     patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
+
+
+    @classmethod
+    def of(cls, section) -> "LoopSettings":
+        """A stage's params section (`epochs`, `lr`, `weight_decay`; `max_grad_norm`, `grad_accum`, `patience`
+        where the stage has them)."""
+        return cls(section.epochs, section.lr, section.weight_decay, getattr(section, "max_grad_norm", 1.0),
+                   getattr(section, "grad_accum", 1), patience=getattr(section, "patience", 0))
 
 
 @dataclass
@@ -230,13 +239,44 @@ def train_with_validation(
     return result
 
 
-def retrain(model: TrainingStep, batches: Callable[[int], Iterable], settings: LoopSettings, chosen: LoopResult,
-            steps_per_epoch: int, work_dir: Path, fingerprint: str, description: str, clips: int) -> dict:
-    """Retrain `model` (fresh from the same start) on train + validation, without validation, for the
-    number of epochs the validated run chose; returns the record kept in the model's metadata."""
-    again = replace(settings, epochs=chosen.best_epoch, patience=0)
-    train_with_validation(model, batches, None, again, steps_per_epoch, work_dir / "refit", fingerprint, description)
-    return {"epochs": chosen.best_epoch, "clips": clips}
+@dataclass(frozen=True)
+class Run:
+    """What one training run fits: the trained modules' step, the batches of each epoch, and their count."""
+
+    step: TrainingStep
+    batches: Callable[[int], Iterable]
+    steps_per_epoch: int
+    clips: int = 0  # training clips (recorded for a refit)
+
+
+Saved = TypeVar("Saved")
+
+
+def fit(run: Run, validate: Callable[[], float], settings: LoopSettings, work_dir: Path, fingerprint: str,
+        description: str, save: Callable[[LoopResult, dict | None, bool], Saved], *,
+        refit: Callable[[], Run] | None = None, processes=None, diagnose: Callable[[], dict] | None = None,
+        score_name: str = "validation_ua") -> Saved:
+    """Every training stage's fitting: train `run` keeping the epoch that `validate` scores best
+    (train_with_validation); with `refit`, retrain the run it builds (train + validation, fresh from the same
+    start) for that many epochs without validation; then `save(result, refit record or None, write)` on every
+    process, `write` true on the main one only (it writes the output), the work folder removed; returns what
+    save returns."""
+    result = train_with_validation(run.step, run.batches, validate, settings, run.steps_per_epoch, work_dir,
+                                   fingerprint, description, diagnose, score_name)
+    refitted = None
+    if refit is not None:
+        again = refit()
+        train_with_validation(again.step, again.batches, None, replace(settings, epochs=result.best_epoch, patience=0),
+                              again.steps_per_epoch, work_dir / "refit", fingerprint,
+                              f"refit: {description} on train + validation")
+        refitted = {"epochs": result.best_epoch, "clips": again.clips}
+    main = processes is None or processes.is_main_process
+    saved = save(result, refitted, main)
+    if main:
+        finish_work(work_dir)
+    if processes is not None:
+        processes.wait_for_everyone()
+    return saved
 
 
 def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:

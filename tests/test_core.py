@@ -22,13 +22,13 @@ from pldistill_cli.errors import PldistillError
 from pldistill_cli.layout import Layout
 from pldistill_cli.losses import (_safe_cka, aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl,
                                   teacher_factor, topk_logprobs)
-from pldistill_cli.methods import TargetCollate, Teacher
+from pldistill_cli.terms import TargetCollate, Teacher
 from pldistill_cli.metrics import UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline
 from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.report import (Runs, _collect, _load, _mean_sd, _references, _summary_row, diagnostics, render_html,
                                   table)
-from pldistill_cli.training import (LoopSettings, TrainingStep, autocast, finish_work, resolve_device, seed_everything,
-                                    retrain, shard, sharded_predictions, shuffled_batches, start_processes,
+from pldistill_cli.training import (LoopSettings, Run, TrainingStep, autocast, finish_work, fit, resolve_device, seed_everything,
+                                    shard, sharded_predictions, shuffled_batches, start_processes,
                                     train_with_validation)
 
 ROUTES = ("features", "gram", "encoded")
@@ -711,35 +711,59 @@ def _scored_run(work, scores, patience=0, frozen=False, fail_at=None, snapshots=
     return model, train_with_validation(step, batches, validate, settings, 4, work, "fp", "test")
 
 
-def test_retrain_runs_the_chosen_epoch_count_without_validation(tmp_path) -> None:
-    """A refit trains a fresh model for the validated run's best epoch count, in its own work folder, with
-    the same loop settings otherwise: the weights of a plain run of that many epochs."""
-    _, chosen = _scored_run(tmp_path / "selected", [0.2, 0.5, 0.3, 0.1])
-    assert chosen.best_epoch == 2
+def _toy_run(epochs_trained: list | None = None, clips: int = 0):
+    """A fresh toy model and its Run: 4 batches an epoch, the epochs it trains recorded."""
+    model = _toy()
+    step = TrainingStep({"m": model}, lambda idx: {"loss": (model(DATA[idx]) - TARGET[idx]).square().mean()})
 
-    def run(epochs_trained, train):
-        model = _toy()
-        step = TrainingStep({"m": model}, lambda idx: {"loss": (model(DATA[idx]) - TARGET[idx]).square().mean()})
-        return model, train(step, lambda epoch: (epochs_trained.append(epoch), _epoch_batches(4, epoch))[1])
+    def batches(epoch):
+        if epochs_trained is not None:
+            epochs_trained.append(epoch)
+        return _epoch_batches(4, epoch)
+    return model, Run(step, batches, 4, clips)
 
-    settings = LoopSettings(4, 0.05, 0.0, 1.0, patience=3)
-    epochs = []
-    refit, record = run(epochs, lambda step, batches: retrain(step, batches, settings, chosen, 4, tmp_path / "work",
-                                                              "fp", "refit", clips=12))
-    assert record == {"epochs": 2, "clips": 12} and epochs == [0, 1]
-    assert (tmp_path / "work" / "refit" / "state.json").exists()
-    plain, _ = run([], lambda step, batches: train_with_validation(
-        step, batches, None, LoopSettings(2, 0.05, 0.0, 1.0), 4, tmp_path / "plain", "fp", "plain"))
-    for a, b in zip(refit.parameters(), plain.parameters()):
+
+def _plain(epochs: int, lr: float, work):
+    model, run = _toy_run()
+    train_with_validation(run.step, run.batches, None, LoopSettings(epochs, lr, 0.0, 1.0), 4, work, "fp", "plain")
+    return model
+
+
+def test_fit_selects_then_refits_for_the_chosen_epoch_count_then_saves(tmp_path) -> None:
+    """fit keeps the best-scored epoch count, retrains a fresh model for that many epochs without validation in
+    its own work folder (the weights of a plain run of that many epochs), saves with the refit's record, and
+    removes the work folder after the save; an interrupted save keeps it, and a run with other settings
+    (another fingerprint) does not resume from it."""
+    def fitted(work, fingerprint, lr, save):
+        scores, refits, epochs = iter([0.2, 0.5, 0.3, 0.1]), [], []
+
+        def refit():
+            model, run = _toy_run(epochs, clips=12)
+            refits.append(model)
+            return run
+
+        saved = fit(_toy_run()[1], lambda: next(scores), LoopSettings(4, lr, 0.0, 1.0, patience=3), work, fingerprint,
+                    "test", save, refit=refit)
+        return saved, refits[0], epochs
+
+    def save(result, record, write):
+        assert (tmp_path / "work" / "refit" / "state.json").exists()  # the work folder goes after the save
+        return result.best_epoch, record, write
+
+    saved, refit, epochs = fitted(tmp_path / "work", "fp", 0.05, save)
+    assert saved == (2, {"epochs": 2, "clips": 12}, True) and epochs == [0, 1]
+    assert not (tmp_path / "work").exists()
+    for a, b in zip(refit.parameters(), _plain(2, 0.05, tmp_path / "plain").parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # Another run's refit in the same work folder (another fingerprint) starts afresh: the finished state
-    # left there belongs to the first run.
-    slower = LoopSettings(4, 0.01, 0.0, 1.0, patience=3)
-    other, _ = run([], lambda step, batches: retrain(step, batches, slower, chosen, 4, tmp_path / "work", "fp2",
-                                                     "refit", clips=12))
-    plain, _ = run([], lambda step, batches: train_with_validation(
-        step, batches, None, LoopSettings(2, 0.01, 0.0, 1.0), 4, tmp_path / "plain2", "fp", "plain"))
-    for a, b in zip(other.parameters(), plain.parameters()):
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fitted(tmp_path / "work", "fp", 0.05, interrupted)
+    assert (tmp_path / "work" / "refit" / "state.json").exists()
+    _, other, epochs = fitted(tmp_path / "work", "fp2", 0.01, lambda *_: None)
+    assert epochs == [0, 1]
+    for a, b in zip(other.parameters(), _plain(2, 0.01, tmp_path / "plain2").parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

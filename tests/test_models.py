@@ -10,7 +10,7 @@ from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.forward import (audio_features, capture_audio_attention, encode_audio,
                                    forward_from_encoder, score_labels, step_mask)
 from pldistill_cli.labels import label_set
-from pldistill_cli.models import (ModelMeta, assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
+from pldistill_cli.models import (TeacherMeta, assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_encoder, load_model, save_model)
 
 LABELS = label_set("synthetic")
@@ -96,7 +96,8 @@ def test_attention_capture_equals_eager_attention_at_that_layer(tiny_teacher, la
         assert torch.isclose(weights[i][audio[i]].sum(), torch.tensor(1.0))
 
 
-META = ModelMeta("train-teacher", "synthetic", 1, LABELS, "prompt", "tiny", 0, {}, {})
+META = TeacherMeta(dataset="synthetic", fold=1, labels=LABELS, prompt="prompt", preset="tiny", seed=0, params={}, versions={},
+                   mode="full")
 
 
 def test_student_assembly_from_a_saved_teacher(tiny_teacher, tmp_path):

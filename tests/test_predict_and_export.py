@@ -2,7 +2,6 @@
 file names, and an exported folder that names its teacher by its source and has the user's file modes.
 (The pipeline tests score a trained student and run the exported card's snippet: test_pipeline.py.)"""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,18 +13,24 @@ import pytest
 import soundfile as sf
 
 from pldistill_cli.labels import LABEL_SETS
-from pldistill_cli.models import ModelMeta
+from pldistill_cli.models import ExportMeta, StudentMeta, TeacherMeta
 from pldistill_cli.inputs import expand_inputs, unusable_input
 from pldistill_cli.predict import describe_model
 
 LONG_NAME = "03-01-01-01-01-01-01-a-file-name-longer-than-the-eighty-columns-of-a-terminal-window.wav"
 
 
-def _meta(**changes) -> ModelMeta:
-    meta = ModelMeta("distill", "synthetic", 1, LABEL_SETS["synthetic"], "prompt", "tiny", 42,
-                     {"preprocess": {"min_seconds": 0.2}}, {}, method="pl-distill",
-                     teacher={"path": "data/runs/synthetic/fold1/teacher", "weights": "f00d", "checkpoint": None})
-    return dataclasses.replace(meta, **changes)
+KINDS = {"train-teacher": TeacherMeta, "distill": StudentMeta, "export": ExportMeta}
+
+
+def _meta(stage: str = "distill", **changes):
+    """A model's metadata of the kind `stage` writes: a pl-distill student unless changed."""
+    common = dict(dataset="synthetic", fold=1, labels=LABEL_SETS["synthetic"], prompt="prompt", preset="tiny", seed=42,
+                  params={"preprocess": {"min_seconds": 0.2}}, versions={})
+    own = {} if stage == "train-teacher" else dict(
+        method="pl-distill", cache={},
+        teacher={"path": "data/runs/synthetic/fold1/teacher", "weights": "f00d", "checkpoint": None})
+    return KINDS[stage](**{**common, **own, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +77,9 @@ def test_the_answering_model_is_named_with_what_it_learnt_from():
                                        "(trained on the synthetic espeak-ng corpus: not real speech)")
     assert describe_model(_meta(stage="export", dataset="ravdess", fold=3, method="ce", seed=7)).startswith(
         "exported student ce seed 7 of ravdess fold 3 (trained on RAVDESS")
-    assert describe_model(_meta(stage="train-teacher", mode="full", method=None, dataset="mine")) == (
+    assert describe_model(_meta(stage="train-teacher", mode="full", dataset="mine")) == (
         "teacher (full, tiny preset) of mine fold 1 (trained on your corpus `mine`)")
-    hub = _meta(stage="train-teacher", mode="zero-shot", method=None, preset="hub",
+    hub = _meta(stage="train-teacher", mode="zero-shot", preset="hub",
                 checkpoint={"source": "Qwen/Qwen2-Audio-7B-Instruct", "revision": "0a1b2c"})
     assert describe_model(hub) == ("teacher (zero-shot, Qwen/Qwen2-Audio-7B-Instruct at 0a1b2c) asked with the "
                                    "labels of synthetic fold 1; not fine-tuned")
