@@ -1,4 +1,5 @@
-"""Built-in synthetic emotional-speech corpus, rendered offline with espeak-ng.
+"""The synthetic emotional-speech generator, rendered offline with espeak-ng: the embedded default corpus
+(datasets/synthetic.py) and the pretraining speech of pretrain-encoder and pretrain-teacher.
 
 The corpus needs nothing beyond pip: the espeak-ng shared library and its voice data come from the
 ``espeakng-loader`` wheel and are driven through :mod:`ctypes` (Debian's espeak-ng is never used).
@@ -53,6 +54,7 @@ except Exception:  # pragma: no cover - only when the package is imported piecem
 
 __all__ = [
     "EMOTIONS",
+    "LABELS",
     "SENTENCES",
     "VOICES",
     "SAMPLE_RATE",
@@ -70,10 +72,14 @@ __all__ = [
     "PROSODY_TARGETS",
     "synthesize",
     "generate_corpus",
+    "render_features",
     "utterance_fingerprint",
 ]
 
 EMOTIONS: tuple[str, ...] = ("Neutral", "Calm", "Happy", "Sad", "Angry", "Fear", "Disgust", "Surprise")
+# The same words in the order the prompt lists them (the paper's for RAVDESS): the synthetic corpus's label set
+# and the teacher's pretraining pool's.
+LABELS: tuple[str, ...] = ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm")
 
 # Short, emotionally neutral sentences (5 words each so slow, pause-rich renderings stay < 4 s).
 SENTENCES: tuple[str, ...] = (
@@ -672,3 +678,26 @@ def generate_corpus(out_dir: Path, settings: SyntheticSettings,
         if on_progress is not None:
             on_progress()
     return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Pretraining input (pretrain-encoder, pretrain-teacher)
+
+
+def render_features(plan: list[SyntheticUtterance], rate: int, featurize: Callable, advance: Callable[[int], None],
+                    batch: int = 64) -> tuple:
+    """A plan's utterances rendered in memory, resampled to `rate` Hz and turned into the encoder's input
+    `batch` clips at a time: (features, feature mask, durations in seconds). `featurize(waves)` gives
+    (features, mask) of a list of waves (forward.audio_features with the model's processor); `advance(n)`
+    is told after each batch. torch is imported here: the corpus (generate_corpus) needs no torch."""
+    import torch
+    import torchaudio.functional as AF
+
+    features, masks, durations = [], [], []
+    for start in range(0, len(plan), batch):
+        waves = [AF.resample(torch.from_numpy(synthesize(u)[0]), SAMPLE_RATE, rate).numpy()
+                 for u in plan[start:start + batch]]
+        f, m = featurize(waves)
+        features.append(f), masks.append(m), durations.extend(len(w) / rate for w in waves)
+        advance(len(waves))
+    return torch.cat(features), torch.cat(masks), durations

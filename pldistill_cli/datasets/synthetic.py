@@ -1,4 +1,6 @@
-"""The embedded default: a synthetic emotional-speech corpus rendered offline with espeak-ng."""
+"""The embedded default: a synthetic emotional-speech corpus rendered offline with espeak-ng (synthesis.py).
+
+Folds: the speakers in order, n_speakers / n_folds to a fold; validation by `previous_fold`."""
 
 from __future__ import annotations
 
@@ -7,10 +9,9 @@ from typing import Callable
 
 from ..config import CorpusParams, Params
 from ..errors import PldistillError
-from ..labels import label_set
 from ..layout import Layout
-from . import Collected, SourceItem, previous_fold
-from .synthetic import SyntheticSettings, generate_corpus
+from ..synthesis import LABELS, SyntheticSettings, generate_corpus
+from .base import Collected, Corpus, SourceItem, previous_fold
 
 
 class SyntheticAdapter:
@@ -39,4 +40,15 @@ class SyntheticAdapter:
             )
             for u in plan
         ]
-        return Collected(items, label_set("synthetic"))
+        return Collected(items, LABELS)
+
+
+CORPUS = Corpus(
+    name="synthetic",
+    labels=LABELS,
+    licence="synthetic speech rendered offline with espeak-ng (no human recordings); free to use",
+    hub_licence="apache-2.0",
+    description="the synthetic espeak-ng corpus: not real speech",
+    headline=None,
+    adapter=SyntheticAdapter(),
+)
