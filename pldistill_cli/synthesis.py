@@ -45,12 +45,7 @@ from typing import Callable
 
 import numpy as np
 
-try:  # the one error type the CLI prints as a single line; fall back to a plain RuntimeError
-    from pldistill_cli.errors import PldistillError as _UserError
-except Exception:  # pragma: no cover - only when the package is imported piecemeal
-    class _UserError(Exception):  # type: ignore[no-redef]
-        pass
-
+from .errors import PldistillError
 
 __all__ = [
     "EMOTIONS",
@@ -140,7 +135,7 @@ _OUTPUT_HEADROOM = 0.5   # linear gain applied to espeak's int16 output before t
 _PEAK_LIMIT = 0.98
 
 
-class EspeakUnavailableError(_UserError, RuntimeError):
+class EspeakUnavailableError(PldistillError, RuntimeError):
     """espeak-ng (from the espeakng-loader wheel) cannot be loaded or fails to synthesise."""
 
 
