@@ -7,12 +7,14 @@ import ast
 from pathlib import Path
 from typing import get_args
 
+import pytest
 from typer.testing import CliRunner
 
 from pldistill_cli.adapter_names import ADAPTER_NAMES
 from pldistill_cli.cli import app
-from pldistill_cli.config import AdapterName
+from pldistill_cli.config import AdapterName, CorpusParams, Params
 from pldistill_cli.datasets import ADAPTERS, CORPORA
+from pldistill_cli.errors import PldistillError
 from pldistill_cli.graph import STAGES, code_deps
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pldistill_cli"
@@ -72,3 +74,13 @@ def test_only_the_stages_that_read_a_corpus_depend_on_its_parser():
     reading = {name for name, stage in STAGES.items() if any("/datasets/" in f for f in code_deps(stage))}
     assert reading == {"preprocess", "report"}
     assert "pldistill_cli/synthesis.py" in code_deps(STAGES["pretrain-encoder"])
+
+
+def test_the_settings_only_some_formats_read_are_declared_by_them():
+    from pldistill_cli.datasets import READ_BY, resolve
+
+    assert READ_BY == {"csv": ("folder",), "metadata": ("emobox",), "speaker_pattern": ("emobox", "folder")}
+    params = Params(corpora={"mine": CorpusParams(adapter="savee", speaker_pattern="x")})
+    with pytest.raises(PldistillError, match=r"corpora\.mine\.speaker_pattern is set, but the savee adapter does not "
+                                             r"read it; remove it, or set corpora\.mine\.adapter to emobox or folder$"):
+        resolve("mine", params)

@@ -23,8 +23,10 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in (synthetic.CORPUS, ravdess.CORP
 ADAPTERS: dict[str, Adapter] = {**{name: c.adapter for name, c in CORPORA.items()},
                                 **{a.name: a for a in (emobox.ADAPTER, folder.ADAPTER)}}
 
-# corpus settings (and preprocess options) that only some adapters read: given to another, they would be ignored
-READ_BY = {"csv": ("folder",), "metadata": ("emobox",), "speaker_pattern": ("emobox", "folder")}
+# corpus settings (and preprocess options) that only the adapters declaring them in `reads` read: given to
+# another, they would be ignored
+READ_BY = {k: tuple(n for n, a in ADAPTERS.items() if k in getattr(a, "reads", ())) for k in
+           ("csv", "metadata", "speaker_pattern")}
 
 
 def ignored(adapter: str, **given: object) -> list[str]:

@@ -70,6 +70,7 @@ class EmoboxAdapter:
     label_map.json), corpus.root = its audio root."""
 
     name = "emobox"
+    reads = ("metadata", "speaker_pattern")  # of the settings only some adapters read (datasets.READ_BY)
 
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Advance) -> Collected:

@@ -27,6 +27,7 @@ class FolderAdapter:
     path, label and optional speaker, fold (paths relative to the CSV's folder or to root, or absolute)."""
 
     name = "folder"
+    reads = ("csv", "speaker_pattern")  # of the settings only some adapters read (datasets.READ_BY)
 
     def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
                 advance: Advance) -> Collected:
