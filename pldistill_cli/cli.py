@@ -21,12 +21,14 @@ from typing import Callable, Literal, Optional
 import typer
 
 from . import __version__
+from .adapter_names import ADAPTER_NAMES
 from .config import Params, Restricted, check_dataset_name, load_params, params_file
 from .errors import PldistillError
 from .files import exclusive
 from .graph import CACHE, STAGES
-from .inputs import (MIN_SECONDS, audio_problem, check_cache_settings, check_device, check_encoder_store,
-                     check_export_destination, check_files, check_world_size, expand_inputs, how_to_make, unusable_input)
+from .inputs import (METADATA_FILE, MIN_SECONDS, audio_problem, check_cache_settings, check_device,
+                     check_encoder_store, check_export_destination, check_files, check_world_size, expand_inputs,
+                     how_to_make, unusable_input)
 from .layout import Layout, student_name
 from .methods import MethodName
 from .ui import console
@@ -39,6 +41,7 @@ app = typer.Typer(
 
 Device = Optional[Literal["auto", "cpu", "cuda"]]
 Method = Optional[MethodName]
+Adapter = Optional[Literal[ADAPTER_NAMES]]
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Settings file.")
 DATASET = typer.Option("synthetic", "--dataset", "-d", help="Dataset name (a key of `corpora` in params.yaml).")
 FOLD = typer.Option(1, "--fold", "-k", min=1, help="Fold number (1-based).")
@@ -131,7 +134,7 @@ def _run(stage: str, values: dict, params: Path, call: Callable[[Params], object
 def preprocess(
     dataset: str = DATASET,
     root: Optional[Path] = typer.Option(None, "--root", help="Folder holding the corpus as distributed."),
-    adapter: Optional[Literal["synthetic", "ravdess", "savee", "iemocap", "emobox", "folder"]] = typer.Option(
+    adapter: Adapter = typer.Option(
         None, "--adapter", help="Corpus format (default: corpora.<dataset>.adapter, else the dataset name)."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="emobox: the corpus's fold-file folder."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="folder: CSV of path,label[,speaker][,fold]."),
@@ -310,11 +313,11 @@ def predict(
 ) -> None:
     """Emotion and class probabilities per file, from the distilled student (a folder: every audio file in it)."""
     folder = model or _default_student(params, None, None, None, None)[0]
-    if not (folder / "config.json").exists() and not (folder / "pldistill.json").exists():
+    if not (folder / "config.json").exists() and not (folder / METADATA_FILE).exists():
         raise PldistillError(f"{folder}: no model here; run `dvc repro` (or `pldistill distill`) first, or pass --model")
     check_files(folder)
     check_device(device or "auto", "--device")
-    made_by = json.loads((folder / "pldistill.json").read_text()) if (folder / "pldistill.json").exists() else {}
+    made_by = json.loads((folder / METADATA_FILE).read_text()) if (folder / METADATA_FILE).exists() else {}
     shortest = (made_by.get("params") or {}).get("preprocess", {}).get("min_seconds", MIN_SECONDS)
 
     files = expand_inputs(audio)
@@ -361,7 +364,7 @@ def export(
     folder, metrics = _default_student(params, dataset, fold, method, seed)
     out = out or Path("export") / f"{folder.parent.parent.name}-{folder.parent.name}-{folder.name}"
     check_export_destination(out)
-    if not (folder / "pldistill.json").exists():
+    if not (folder / METADATA_FILE).exists():
         raise PldistillError(f"{folder}: no student here; run `dvc repro` (or `pldistill distill`) first")
     check_files(folder)
     from .export import export_student

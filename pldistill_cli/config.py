@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAda
 from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
+from .adapter_names import ADAPTER_NAMES
 from .errors import PldistillError
 from .methods import METHODS, MethodName
 
@@ -49,7 +50,7 @@ Real = Annotated[float, _numeric, Field(strict=True, allow_inf_nan=False)]
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Slug = Annotated[str, Field(pattern=SLUG)]
 Device = Literal["auto", "cpu", "cuda"]
-AdapterName = Literal["", "synthetic", "ravdess", "savee", "iemocap", "emobox", "folder"]
+AdapterName = Literal[("", *ADAPTER_NAMES)]
 
 settings = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
@@ -58,7 +59,7 @@ settings = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class CorpusParams:
     """Where a corpus lives and how to read it; `params.yaml: corpora: NAME: {...}`."""
 
-    adapter: AdapterName = ""  # "" = the corpus name (synthetic, ravdess, savee, iemocap)
+    adapter: AdapterName = ""  # "" = the dataset's own name (that of a built-in corpus)
     root: Optional[str] = None  # the corpus as distributed (audio root); `--root` overrides it
     metadata: Optional[str] = None  # emobox: folder with fold_K/*.jsonl and label_map.json
     speaker_pattern: Optional[str] = None  # emobox / folder: regex whose first group is the speaker

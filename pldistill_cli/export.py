@@ -14,14 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from .datasets import CORPORA
 from .files import write_text
 from .inputs import check_export_destination
-from .labels import CORPUS_LICENCES
 from .models import ExportMeta, StudentMeta, count_parameters, load_model, save_model
 from .prompt import END_OF_TURN, SYSTEM_PROMPT, user_prompt
-
-# Hub licence identifiers: the data's terms bind the weights trained on it.
-LICENCES = {"synthetic": "apache-2.0", "ravdess": "cc-by-nc-sa-4.0"}
 
 
 def export_student(model_dir: Path, out_dir: Path, metrics_file: Path | None = None) -> Path:
@@ -95,7 +92,8 @@ def _front_matter(meta: ExportMeta) -> dict:
              if c and "/" in str(c.get("source", "")) and not Path(c["source"]).exists()]
     split = f"test (fold {meta.fold}, speaker-independent)"
     return {
-        "license": LICENCES.get(meta.dataset, "other"),
+        # the data's terms bind the weights trained on it
+        "license": CORPORA[meta.dataset].hub_licence if meta.dataset in CORPORA else "other",
         **({"base_model": sorted(set(bases))} if bases else {}),
         "datasets": [meta.dataset],
         "metrics": ["accuracy", "recall", "f1"],
@@ -142,7 +140,7 @@ def model_card(meta: ExportMeta, parameters: int) -> str:
 - **Method**: {meta.method} (student seed {meta.seed}), distilled from the teacher below.
 - **Teacher**: {teacher_source(meta)} (weights {meta.teacher.weights}).
 - **Data**: {meta.dataset}, fold {meta.fold} (speaker-independent; checkpoint chosen on validation).
-  Licence of the data: {CORPUS_LICENCES.get(meta.dataset, 'see the corpus terms')}
+  Licence of the data: {CORPORA[meta.dataset].licence if meta.dataset in CORPORA else 'see the corpus terms'}
 - **Labels**: {', '.join(meta.labels)}
 - **Test scores** (fold {meta.fold}): {scores}. One fold of one seed: see the pldistill report for the
   variation over folds and seeds before comparing models.

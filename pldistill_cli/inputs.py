@@ -17,7 +17,7 @@ from .errors import PldistillError
 AUDIO_SUFFIXES = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aiff .aif .aifc .au .snd .caf .w64 .rf64 .sph .nist .voc".split()
 )
-METADATA_FILE = "pldistill.json"  # models.METADATA_FILE, without importing torch
+METADATA_FILE = "pldistill.json"  # what made a model folder (models.py writes it); here so the CLI needs no torch
 SILENCE_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) carries no speech
 MIN_SECONDS = 0.2  # the default of preprocess.min_seconds: the shortest clip a model is trained on
 

@@ -36,14 +36,21 @@ from .checkpoints import Checkpoint, resolve_checkpoint, weights_fingerprint
 from .config import Params, fingerprint
 from .errors import PldistillError
 from .files import fresh_folder, replace_folder, write_json
-from .labels import LABEL_SETS
+from .inputs import METADATA_FILE
 from .methods import MethodName
 from .prompt import AUDIO_BOS, AUDIO_EOS, AUDIO_TOKEN, CHAT_TEMPLATE, END_OF_TURN, SPECIAL_TOKENS, SYSTEM_PROMPT, user_prompt
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-METADATA_FILE = "pldistill.json"
+# The label sets the presets' tokenizer is trained on: the built-in corpora's (datasets/) when it was made,
+# written out so that no model stage depends on a corpus parser and a new corpus changes no preset's tokenizer.
+TOKENIZER_LABEL_SETS: tuple[tuple[str, ...], ...] = (
+    ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm"),  # synthetic
+    ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear", "Calm"),  # ravdess
+    ("Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear"),  # savee
+    ("Happy", "Sad", "Angry", "Neutral"),  # iemocap
+)
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,8 @@ def build_tokenizer(vocab_size: int, audio_tokens: bool = True) -> PreTrainedTok
         vocab_size=vocab_size, special_tokens=text_specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     texts = [SYSTEM_PROMPT, "system user assistant Audio 1:"]
-    texts += [user_prompt(labels) for labels in LABEL_SETS.values()]
-    texts += [" ".join(labels) for labels in LABEL_SETS.values()]
+    texts += [user_prompt(labels) for labels in TOKENIZER_LABEL_SETS]
+    texts += [" ".join(labels) for labels in TOKENIZER_LABEL_SETS]
     tok.train_from_iterator(texts * 8, trainer)
     specials = [t for t in SPECIAL_TOKENS[1:] if audio_tokens or t in text_specials]
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=END_OF_TURN, pad_token="<|endoftext|>",

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .audio import BadAudio, read_audio
+from .datasets import CORPORA
 from .forward import audio_features, encode_audio, score_labels
 from .inputs import unusable_input
 from .models import AnyModelMeta, ModelMeta, TeacherMeta, load_model
@@ -17,13 +18,6 @@ from .training import resolve_device
 
 MIN_WINDOW_S = 0.5  # a trailing piece shorter than this is not scored on its own
 MIN_SECONDS = 0.2  # the default of preprocess.min_seconds, for models that do not record it
-# What a model of each built-in corpus learnt from (another dataset name is a user's own corpus).
-TRAINED_ON = {
-    "synthetic": "the synthetic espeak-ng corpus: not real speech",
-    "ravdess": "RAVDESS: acted North American English, 24 actors",
-    "savee": "SAVEE: acted British English, 4 male speakers",
-    "iemocap": "IEMOCAP: acted English dialogues, 10 speakers",
-}
 
 
 def describe_model(made_by: AnyModelMeta) -> str:
@@ -35,7 +29,9 @@ def describe_model(made_by: AnyModelMeta) -> str:
     else:
         kind = f"{'exported ' if made_by.stage == 'export' else ''}student {made_by.method} seed {made_by.seed}"
     data = f"{made_by.dataset} fold {made_by.fold}"
-    trained_on = TRAINED_ON.get(made_by.dataset, f"your corpus `{made_by.dataset}`")
+    # another dataset name than a built-in corpus's is a user's own corpus
+    corpus = CORPORA.get(made_by.dataset)
+    trained_on = corpus.description if corpus is not None else f"your corpus `{made_by.dataset}`"
     if isinstance(made_by, TeacherMeta) and made_by.mode == "zero-shot":
         return f"{kind} asked with the labels of {data}; not fine-tuned"
     return f"{kind} of {data} (trained on {trained_on})"

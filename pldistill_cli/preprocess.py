@@ -32,8 +32,7 @@ import pandas as pd
 
 from .audio import BadAudio, normalize_loudness, read_audio, trim_silence, write_wav
 from .config import Params, PreprocessParams, fingerprint, preprocessing
-from .datasets import SourceItem, resolve
-from .datasets.corpora import UNKNOWN
+from .datasets import UNKNOWN, SourceItem, resolve
 from .errors import PldistillError
 from .files import fresh_folder, replace_folder, write_json
 from .layout import Layout

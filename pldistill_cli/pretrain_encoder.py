@@ -12,15 +12,16 @@ With model.preset hub the checkpoint's encoder is used and this stage only recor
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-import torchaudio.functional as AF
 
 from .config import Params, fingerprint
-from .datasets.synthetic import PROSODY_TARGETS, SAMPLE_RATE, plan_pretraining, prosody_targets, synthesize
 from .forward import audio_features, encode_audio, step_mask
 from .layout import Layout
 from .models import EncoderMeta, begin_pretraining, build_teacher, environment, get_preset, save_pretrained
+from .synthesis import PROSODY_TARGETS, plan_pretraining, prosody_targets, render_features
 from .training import LoopResult, LoopSettings, Run, TrainingStep, fit, resolve_device, seed_everything, \
     shuffled_batches
 from .ui import console, progress
@@ -47,15 +48,9 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
 
     plan = plan_pretraining(params.seed, p.clips)
     model, processor = build_teacher(get_preset(preset), params.seed)
-    rate = processor.feature_extractor.sampling_rate
-    waves = []
     with progress("synthesise pretraining speech", len(plan)) as bar:
-        for utt in plan:
-            wave, _ = synthesize(utt)
-            waves.append(AF.resample(torch.from_numpy(wave), SAMPLE_RATE, rate).numpy())
-            bar.advance(1)
-    features, feature_mask = map(torch.cat, zip(*(audio_features(processor, waves[i:i + 64])
-                                                  for i in range(0, len(waves), 64))))
+        features, feature_mask, _ = render_features(plan, processor.feature_extractor.sampling_rate,
+                                                    functools.partial(audio_features, processor), bar.advance)
     values, tunes = zip(*map(prosody_targets, plan))
     values = torch.tensor(values)
     held = max(1, len(plan) // 10)

@@ -3,7 +3,7 @@
 In the paper the teacher, Qwen2-Audio-7B, was pretrained on far more (emotional) speech than any fold holds
 before it was fine-tuned; a preset's teacher is random, and trained on one fold's 288 clips it knows no more
 than a student trained on the same labels. So first it learns the task on a labelled pool of emotional speech
-that shares no voice and no sentence with any fold: the corpus's own generator (synthetic.plan_emotion_pool:
+that shares no voice and no sentence with any fold: the corpus's own generator (synthesis.plan_emotion_pool:
 the same emotions, prosody offsets, spread and speaker baselines) speaking `voices` of PRETRAIN_VOICES and
 `sentences` of PRETRAIN_SENTENCES, voices x 8 emotions x sentences clips. The teacher (the pretrained encoder,
 frozen, and the preset's random LLM) learns, as train-teacher does, the answer tokens of the prompt
@@ -17,16 +17,15 @@ With model.preset hub the checkpoint is the pretrained teacher and this stage on
 
 from __future__ import annotations
 
+import functools
+
 import pandas as pd
 import torch
-import torchaudio.functional as AF
 
 from .config import Params, fingerprint
 from .data import AudioBatch, Clips, text_batch
-from .datasets.synthetic import SAMPLE_RATE, plan_emotion_pool, synthesize
 from .errors import PldistillError
 from .forward import audio_features, encode_audio, forward_from_encoder
-from .labels import LABEL_SETS
 from .layout import Layout
 from .losses import answer_cross_entropy
 from .metrics import classification_metrics
@@ -34,6 +33,7 @@ from .models import (TeacherInitMeta, begin_pretraining, build_teacher, environm
                      save_pretrained)
 from .prompt import PromptLayout
 from .scoring import predict_clips
+from .synthesis import LABELS, plan_emotion_pool, render_features
 from .training import LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything, \
     shuffled_batches
 from .ui import console, progress
@@ -47,20 +47,6 @@ class _PoolClips(Clips):
         self.rows, self.features, self.feature_mask = rows.reset_index(drop=True), features, feature_mask
 
 
-def render_pool(plan, processor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """The pool's log-mels and frame masks (the encoder's input) and durations in seconds, rendered in memory."""
-    rate = processor.feature_extractor.sampling_rate
-    features, masks, durations = [], [], []
-    with progress("synthesise the teacher's pretraining speech", len(plan)) as bar:
-        for start in range(0, len(plan), 64):
-            waves = [AF.resample(torch.from_numpy(synthesize(u)[0]), SAMPLE_RATE, rate).numpy()
-                     for u in plan[start:start + 64]]
-            f, m = audio_features(processor, waves)
-            features.append(f), masks.append(m), durations.extend(len(w) / rate for w in waves)
-            bar.advance(len(waves))
-    return torch.cat(features), torch.cat(masks), durations
-
-
 def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMeta:
     p, preset, device = params.pretrain_teacher, params.model.preset, resolve_device(params.pretrain_teacher.device)
     made_by, skipped = begin_pretraining(TeacherInitMeta, params, layout.teacher_init(), device)
@@ -70,7 +56,7 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
         raise PldistillError(f"params.yaml: pretrain_teacher.validation_voices ({p.validation_voices}) must be fewer "
                              f"than pretrain_teacher.voices ({p.voices})")
     encoder, encoder_weights = pretrained_encoder(layout.encoder(), preset)
-    labels = LABEL_SETS["synthetic"]
+    labels = LABELS
     plan = plan_emotion_pool(params.seed, p.voices, p.sentences)
     seed_everything(params.seed)
     model, processor = build_teacher(get_preset(preset), params.seed)
@@ -79,7 +65,9 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
     model.model.audio_tower.requires_grad_(False)  # as train-teacher's default (train_teacher.encoder: frozen)
     model.to(device)
     prompt = PromptLayout.from_processor(processor, labels)
-    features, feature_mask, durations = render_pool(plan, processor)
+    with progress("synthesise the teacher's pretraining speech", len(plan)) as bar:
+        features, feature_mask, durations = render_features(plan, processor.feature_extractor.sampling_rate,
+                                                            functools.partial(audio_features, processor), bar.advance)
     rows = pd.DataFrame({"speaker": [u.speaker for u in plan], "label": [u.label for u in plan],
                          "duration": durations})
     held = set(sorted(set(rows["speaker"]))[-p.validation_voices:])

@@ -1,6 +1,6 @@
 """The prompt, defined once: its text, the special tokens and chat template of Qwen2-Audio, and the
-token layout of a rendered prompt with its answers (the paper's prompt; label words per dataset in
-labels.py)."""
+token layout of a rendered prompt with its answers (the paper's prompt; label words per corpus in
+datasets/)."""
 
 from __future__ import annotations
 

@@ -25,10 +25,9 @@ import soundfile as sf
 
 from .cache import TeacherCache, expected_meta
 from .config import Params
-from .datasets.corpora import UNKNOWN
+from .datasets import CORPORA, UNKNOWN
 from .errors import PldistillError
 from .files import atomic_path, fresh_folder, replace_folder, write_text
-from .labels import PAPER_HEADLINES
 from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest
 from .methods import METHODS
@@ -665,8 +664,8 @@ def _write(params: Params, layout: Layout, out: Path) -> None:
         md += main_table(models, references, labels, params.seed, teacher_params)
         md += ["", "The reference rows expose shortcuts in the data: a model no better than them has learned no more "
                    "than clip length or coarse prosody.", ""]
-        if dataset in PAPER_HEADLINES:
-            metric, value = PAPER_HEADLINES[dataset]
+        if dataset in CORPORA and CORPORA[dataset].headline:
+            metric, value = CORPORA[dataset].headline
             ours = np.mean([d[metric.lower()] for d in models[params.methods[-1]].details]) * 100
             md += [f"The paper reports {metric} {value:.2f} for its PL-Distill student on {dataset} (real "
                    f"checkpoints, all folds); this run's {params.methods[-1]} student: {metric} {ours:.2f}.", ""]

@@ -53,7 +53,7 @@ from pldistill_cli.cache import CACHE_SCHEMA, ENCODER_SCHEMA, write_rows
 from pldistill_cli.data import text_batch
 from pldistill_cli.forward import (audio_features, encode_audio, forward_from_encoder, forward_with_audio_attention,
                                    topk_from_hidden)
-from pldistill_cli.labels import label_set
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.layout import Layout, student_name
 from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
 from pldistill_cli.methods import METHODS
@@ -151,7 +151,7 @@ def ratios(lengths: list[float], batch_size: int, device, preset_name: str = "sm
     teacher_dtype = teacher_dtype or weights_dtype("auto", device, frozen=True)
     teacher, processor, student = build(preset, device, teacher_dtype)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as training.py
-    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     projector = teacher.model.multi_modal_projector.linear
     cached_teacher = Teacher.of(projector.weight.detach().float().cpu(), projector.bias.detach().float().cpu(),
                                 TEMPERATURE)

@@ -25,7 +25,7 @@ from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncod
 from pldistill_cli.methods import METHODS
 from pldistill_cli.terms import TargetCollate, Teacher, distillation_terms
 from pldistill_cli.prompt import PromptLayout
-from pldistill_cli.labels import LABEL_SETS
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.models import (
     AUDIO_TOKEN,
     assemble_student,
@@ -43,7 +43,7 @@ def build(preset_name: str, device: torch.device, seed: int = 0):
     vocabulary (top-k ids; the paper teacher's 156032 exceeds the student's 151936, as in the real pair)."""
     preset = get_preset(preset_name)
     processor = build_processor(preset)  # byte-level BPE trained offline; ids fit any student vocabulary
-    prompt = PromptLayout.from_processor(processor, LABEL_SETS["ravdess"])
+    prompt = PromptLayout.from_processor(processor, CORPORA["ravdess"].labels)
     audio_token = processor.tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
     encoder_config = Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=1500, **preset.encoder)
     with device:  # create the weights on the GPU directly: building 1.1B parameters on the CPU is slow

@@ -154,13 +154,13 @@ def test_the_cache_refuses_a_student_encoder_that_is_not_the_teachers_or_trains(
     from transformers import AutoProcessor
 
     from pldistill_cli.prompt import PromptLayout
-    from pldistill_cli.labels import label_set
+    from pldistill_cli.datasets import CORPORA
     from pldistill_cli.cache import expected_meta
 
     params, layout = hub_run
     teacher_dir = layout.teacher("synthetic", 1)
     processor = AutoProcessor.from_pretrained(teacher_dir)
-    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     cache = TeacherCache(layout.cache("synthetic", 1), expected_meta(teacher_dir, prompt, params), prompt)
     student, _, stored = build_student(params, processor, teacher_dir, seed=0)
     encoder = student.model.audio_tower

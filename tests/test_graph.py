@@ -148,7 +148,7 @@ EMOTIONS = ("01", "02", "03", "04", "05", "06", "07", "08")
 
 def ravdess_fixture(root: Path) -> None:
     """Real synthetic speech, saved under RAVDESS's distributed names and layout (48 kHz)."""
-    from pldistill_cli.datasets.synthetic import EMOTIONS as WORDS, SyntheticSettings, generate_corpus
+    from pldistill_cli.synthesis import EMOTIONS as WORDS, SyntheticSettings, generate_corpus
 
     rendered = root.parent / "rendered"
     plan = generate_corpus(rendered, SyntheticSettings(seed=3, n_speakers=len(RAVDESS_ACTORS), n_sentences=1))
@@ -222,7 +222,7 @@ def test_dvc_repro_runs_a_real_corpus_layout_to_the_report(repo):
     assert "report/figures/ravdess-curves.png" in plots  # the training curves among them
 
 
-@pytest.mark.parametrize("module", ["report.py", "metrics.py", "cache.py", "datasets/corpora.py", "losses.py"])
+@pytest.mark.parametrize("module", ["report.py", "metrics.py", "cache.py", "datasets/ravdess.py", "losses.py"])
 def test_editing_a_module_reruns_exactly_the_stages_that_import_it(repo, module):
     path = repo / "pldistill_cli" / module
     original = path.read_text()

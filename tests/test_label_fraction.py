@@ -36,11 +36,11 @@ def test_the_choice_depends_on_the_clips_only_and_grows_with_the_fraction():
 
 @pytest.fixture(scope="module")
 def setup(tiny_teacher):
-    from pldistill_cli.labels import label_set
+    from pldistill_cli.datasets import CORPORA
     from pldistill_cli.prompt import PromptLayout
     from test_methods import cached_clips
 
-    prompt = PromptLayout.from_processor(tiny_teacher[1], label_set("synthetic"))
+    prompt = PromptLayout.from_processor(tiny_teacher[1], CORPORA["synthetic"].labels)
     by_length = {}
     for label in prompt.labels:
         by_length.setdefault(len(prompt.answer_ids(label)), []).append(label)

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from pldistill_cli.errors import PldistillError
-from pldistill_cli.labels import label_set
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.manifest import (MANIFEST_SCHEMA, manifest_labels, read_manifest, select_split, split_of,
                                     write_manifest)
 
@@ -10,12 +10,12 @@ from pldistill_cli.manifest import (MANIFEST_SCHEMA, manifest_labels, read_manif
 def test_prepared_manifest_matches_the_schema_and_files(prepared):
     params, layout = prepared
     df = read_manifest(layout.manifest("synthetic"))
-    assert manifest_labels(layout.manifest("synthetic")) == label_set("synthetic")
+    assert manifest_labels(layout.manifest("synthetic")) == CORPORA["synthetic"].labels
     assert df["speaker_independent"].all()
     assert list(df.columns) == [f.name for f in MANIFEST_SCHEMA]
     assert len(df) == 6 * 8 * 1  # speakers x emotions x sentences
     assert (df["dataset"] == "synthetic").all()
-    assert set(df["label"]) == set(label_set("synthetic"))
+    assert set(df["label"]) == set(CORPORA["synthetic"].labels)
     for path, duration in zip(df["audio_path"], df["duration"]):
         import soundfile as sf
 
@@ -54,12 +54,12 @@ def _rows(**changes):
 )
 def test_manifest_contract_is_enforced(tmp_path, frame, message):
     with pytest.raises(PldistillError, match=message):
-        write_manifest(frame, tmp_path / "manifest.parquet", label_set("synthetic"))
+        write_manifest(frame, tmp_path / "manifest.parquet", CORPORA["synthetic"].labels)
 
 
 def test_labels_outside_the_recorded_set_are_refused(tmp_path):
     with pytest.raises(PldistillError, match="outside"):
-        write_manifest(_rows(label="Bored"), tmp_path / "manifest.parquet", label_set("synthetic"))
+        write_manifest(_rows(label="Bored"), tmp_path / "manifest.parquet", CORPORA["synthetic"].labels)
     path = tmp_path / "manifest.parquet"
     write_manifest(_rows(), path, ("Happy", "Sad"))
     assert manifest_labels(path) == ("Happy", "Sad")

@@ -11,7 +11,7 @@ import torch
 
 from pldistill_cli.config import DistillParams
 from pldistill_cli.forward import forward_from_encoder, step_mask
-from pldistill_cli.labels import label_set
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.losses import KLTargets, aw_cka, bucketed_kl, topk_logprobs
 from pldistill_cli.methods import METHODS
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset
@@ -35,7 +35,7 @@ def cached_clips(tiny_teacher, clips: list[tuple[int, str]]):
     """A tiny student, the cached rows of `clips` (audio steps, label) with random targets, the prompt and a
     random teacher projector (weight, bias)."""
     teacher, processor = tiny_teacher
-    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     student = assemble_student(teacher.config.audio_config, teacher.model.audio_tower.state_dict(),
                                teacher.config.audio_token_index,
                                build_student_llm(get_preset("tiny"), len(processor.tokenizer), 0), 0)

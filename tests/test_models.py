@@ -9,11 +9,11 @@ from pldistill_cli.errors import PldistillError
 from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.forward import (audio_features, capture_audio_attention, encode_audio,
                                    forward_from_encoder, score_labels, step_mask)
-from pldistill_cli.labels import label_set
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.models import (TeacherMeta, assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_encoder, load_model, save_model)
 
-LABELS = label_set("synthetic")
+LABELS = CORPORA["synthetic"].labels
 
 
 def _waves(seconds=(1.0, 2.5, 1.7)):
@@ -199,7 +199,7 @@ def test_lora_reaches_every_llm_projection_and_never_the_encoder(tiny_teacher, p
 
 
 def test_a_merged_lora_student_scores_after_reloading_as_it_did_in_memory(tiny_teacher, tmp_path):
-    from pldistill_cli.labels import label_set
+    from pldistill_cli.datasets import CORPORA
     from pldistill_cli.models import add_lora
 
     teacher, processor = tiny_teacher
@@ -211,7 +211,7 @@ def test_a_merged_lora_student_scores_after_reloading_as_it_did_in_memory(tiny_t
         for name, p in student.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     encoded = torch.randn(2, 6, teacher.config.audio_config.d_model, generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([6, 4])
     student.eval()

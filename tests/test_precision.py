@@ -116,13 +116,13 @@ def test_a_cache_of_another_encoder_is_still_refused(gpu_like_run):
 
     from pldistill_cli.distill import build_student
     from pldistill_cli.errors import PldistillError
-    from pldistill_cli.labels import label_set
+    from pldistill_cli.datasets import CORPORA
     from pldistill_cli.prompt import PromptLayout
 
     params, layout, _ = gpu_like_run
     teacher_dir = layout.teacher("synthetic", 1)
     processor = AutoProcessor.from_pretrained(teacher_dir)
-    prompt = PromptLayout.from_processor(processor, label_set("synthetic"))
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     cache = TeacherCache(layout.cache("synthetic", 1), expected_meta(teacher_dir, prompt, params), prompt)
     student, _, stored = build_student(params, processor, teacher_dir, seed=0)
     cache.check_student_encoder(student.model.audio_tower, stored)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pldistill_cli.labels import LABEL_SETS
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.models import ExportMeta, StudentMeta, TeacherMeta
 from pldistill_cli.inputs import expand_inputs, unusable_input
 from pldistill_cli.predict import describe_model
@@ -25,7 +25,7 @@ KINDS = {"train-teacher": TeacherMeta, "distill": StudentMeta, "export": ExportM
 
 def _meta(stage: str = "distill", **changes):
     """A model's metadata of the kind `stage` writes: a pl-distill student unless changed."""
-    common = dict(dataset="synthetic", fold=1, labels=LABEL_SETS["synthetic"], prompt="prompt", preset="tiny", seed=42,
+    common = dict(dataset="synthetic", fold=1, labels=CORPORA["synthetic"].labels, prompt="prompt", preset="tiny", seed=42,
                   params={"preprocess": {"min_seconds": 0.2}}, versions={})
     own = {} if stage == "train-teacher" else dict(
         method="pl-distill", cache={},
@@ -41,7 +41,7 @@ def student(tiny_teacher, tmp_path_factory) -> Path:
 
     model, processor = tiny_teacher
     folder = tmp_path_factory.mktemp("predict") / "student-pl-distill-s42"
-    prompt = PromptLayout.from_processor(processor, LABEL_SETS["synthetic"])
+    prompt = PromptLayout.from_processor(processor, CORPORA["synthetic"].labels)
     save_model(model, processor, folder, _meta(prompt=prompt.text))
     return folder
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pldistill_cli.config import PretrainEncoderParams, TrainTeacherParams
-from pldistill_cli.datasets import synthetic as S
+from pldistill_cli import synthesis as S
 from pldistill_cli.errors import PldistillError
 from pldistill_cli.models import ModelMeta, load_encoder, pretrained_encoder
 from pldistill_cli.pretrain_encoder import pooled, pretrain_encoder

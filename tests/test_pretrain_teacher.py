@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pldistill_cli.config import PretrainTeacherParams, TrainTeacherParams
-from pldistill_cli.datasets import synthetic as S
+from pldistill_cli import synthesis as S
 from pldistill_cli.errors import PldistillError
 from pldistill_cli.models import pretrained_teacher
 from pldistill_cli.pretrain_teacher import pretrain_teacher

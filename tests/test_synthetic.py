@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pldistill_cli.datasets import synthetic as syn
-from pldistill_cli.datasets.synthetic import (
+from pldistill_cli import synthesis as syn
+from pldistill_cli.synthesis import (
     EMOTIONS,
     SyntheticSettings,
     SyntheticUtterance,

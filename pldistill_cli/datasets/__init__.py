@@ -1,22 +1,32 @@
-"""Dataset registry: each adapter turns a corpus, as distributed, into source items with folds.
+"""Dataset registry: each adapter turns a corpus, as distributed, into source items with folds (datasets/base.py);
+one module per corpus or format.
 
-A dataset name is a key of `params.yaml: corpora` (its `adapter` says which format it is in:
-`synthetic`, `ravdess`, `savee`, `iemocap`, `emobox` or `folder`) or, for the built-in corpora,
-the adapter's own name (`synthetic`, `ravdess`, `savee`, `iemocap`).
+A dataset name is a key of `params.yaml: corpora` (its `adapter` says which format it is in: a key of
+ADAPTERS) or, for the built-in corpora, the adapter's own name (a key of CORPORA).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
-from typing import Callable, Protocol
 
 from ..config import CorpusParams, Params, params_file
 from ..errors import PldistillError
-from ..layout import Layout
+from . import emobox, folder, iemocap, ravdess, savee, synthetic
+from .base import UNKNOWN, Adapter, Collected, Corpus, SourceItem, previous_fold
 
-# corpus settings (and preprocess options) that only some adapters read: given to another, they would be ignored
-READ_BY = {"csv": ("folder",), "metadata": ("emobox",), "speaker_pattern": ("emobox", "folder")}
+__all__ = ["ADAPTERS", "CORPORA", "UNKNOWN", "Adapter", "Collected", "Corpus", "SourceItem", "adapters", "check_corpus",
+           "ignored", "previous_fold", "resolve"]
+
+# One module each; adding a corpus is its module and one entry here (and its name in adapter_names.py).
+CORPORA: dict[str, Corpus] = {c.name: c for c in (synthetic.CORPUS, ravdess.CORPUS, savee.CORPUS, iemocap.CORPUS)}
+ADAPTERS: dict[str, Adapter] = {**{name: c.adapter for name, c in CORPORA.items()},
+                                **{a.name: a for a in (emobox.ADAPTER, folder.ADAPTER)}}
+
+# corpus settings (and preprocess options) that only the adapters declaring them in `reads` read: given to
+# another, they would be ignored
+READ_BY = {k: tuple(n for n, a in ADAPTERS.items() if k in getattr(a, "reads", ())) for k in
+           ("csv", "metadata", "speaker_pattern")}
 
 
 def ignored(adapter: str, **given: object) -> list[str]:
@@ -24,57 +34,13 @@ def ignored(adapter: str, **given: object) -> list[str]:
     return [k for k, v in given.items() if v is not None and k in READ_BY and adapter not in READ_BY[k]]
 
 
-@dataclass(frozen=True)
-class SourceItem:
-    utt_id: str
-    speaker: str
-    label: str  # a label word of the dataset's label set
-    source_path: Path
-    fold: int  # the fold whose test split holds this utterance
-    validation_fold: int  # the fold whose validation split holds it (never `fold`)
-    speaker_independent: bool = True  # False where validation was carved without speaker information
-
-
-@dataclass
-class Collected:
-    items: list[SourceItem]
-    labels: tuple[str, ...]  # label words, in the order the prompt lists them
-    excluded: dict[str, int] = field(default_factory=dict)  # files left out by design: reason -> count
-    missing: list[str] = field(default_factory=list)  # files the corpus lists that do not exist
-
-
-class Adapter(Protocol):
-    name: str
-
-    def collect(self, dataset: str, corpus: CorpusParams, params: Params, layout: Layout,
-                advance: Callable[[], None]) -> Collected:
-        """Find the corpus's utterances (corpus.root is set, or None where the adapter makes its own)."""
-        ...
-
-
-def previous_fold(fold: int, n_folds: int) -> int:
-    """Validation rule for speaker-/session-wise folds: the utterances tested in fold k+1 validate
-    fold k, so validation speakers always come from fold k's training side."""
-    return n_folds if fold == 1 else fold - 1
-
-
 def adapters() -> dict[str, Adapter]:
-    from .synthetic_adapter import SyntheticAdapter
-
-    found: list[Adapter] = [SyntheticAdapter()]
-    try:
-        from .corpora import ADAPTERS
-    except ImportError:
-        ADAPTERS = ()
-    found += [cls() for cls in ADAPTERS]
-    return {a.name: a for a in found}
+    return dict(ADAPTERS)
 
 
 def resolve(dataset: str, params: Params, root: Path | None = None, **overrides: str | None) -> tuple[Adapter, CorpusParams]:
     """The adapter and corpus settings for a dataset name; `root` and any non-None `overrides`
     (CorpusParams fields, e.g. from the command line) replace the configured values."""
-    import dataclasses
-
     known = adapters()
     corpus = params.corpora.get(dataset, CorpusParams())
     corpus = dataclasses.replace(corpus, **{k: v for k, v in overrides.items() if v is not None})
