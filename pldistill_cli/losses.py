@@ -2,6 +2,10 @@
 
 All functions are pure and differentiable w.r.t. the student; the maths is done in
 float32 with autocast disabled, whatever the input dtype or the caller's autocast.
+
+References: aw_cka, aw_cka_encoded, teacher_self_norm, full_kl and bucketed_kl are the direct forms, which
+no stage calls: tests and benchmarks check the forms the stages use (aw_cka_teacher, aw_cka_gram,
+kl_targets + linear_kl) against them.
 """
 
 from __future__ import annotations
@@ -215,7 +219,7 @@ def aw_cka(
     eps: float = 1e-8,
     estimator: str = "biased",
 ) -> Tensor:
-    """Attention-weighted linear CKA per clip.
+    """Reference (no stage calls it). Attention-weighted linear CKA per clip.
 
     student [B, T, Ds], teacher [B, T, Dt], weights [B, T] >= 0, mask [B, T] bool
     (True = real step). With w the weights normalised over real steps,
@@ -361,7 +365,7 @@ def teacher_self_norm(
     eps: float = 1e-8,
     estimator: str = "biased",
 ) -> Tensor:
-    """The teacher's CKA normaliser [B] for aw_cka_encoded, a constant of the cached clip.
+    """Reference (no stage calls it). The teacher's CKA normaliser [B] for aw_cka_encoded, a constant of the cached clip.
 
     sqrt of the teacher self term of Y = [X | 1] F on the _scaled encoder output (biased:
     ||G_T||_F; debiased: sqrt(c4 HSIC_w(L, L))), 0 where the teacher is degenerate.
@@ -399,7 +403,7 @@ def aw_cka_encoded(
     estimator: str = "biased",
     teacher_norm: Tensor | None = None,
 ) -> Tensor:
-    """AW-CKA against a linear teacher Z_T = X W^T + b given by its encoder output X.
+    """Reference (no stage calls it). AW-CKA against a linear teacher Z_T = X W^T + b given by its encoder output X.
 
     encoded X [B, T, Denc] (e.g. cached); factor = teacher_factor(W, b); teacher_norm [B]
     = teacher_self_norm(encoded, factor, weights, mask, eps, estimator), computed here if
@@ -441,7 +445,7 @@ def full_kl(
     mask: Tensor,
     temperature: float = 1.0,
 ) -> Tensor:
-    """Dense T^2 * KL(p || q), p = softmax(teacher / T), q = softmax(student / T).
+    """Reference (no stage calls it). Dense T^2 * KL(p || q), p = softmax(teacher / T), q = softmax(student / T).
 
     Per-clip mean over masked positions, float32 [B] (0 for clips with no positions).
     """
@@ -630,7 +634,7 @@ def bucketed_kl(
     mask: Tensor,
     temperature: float = 1.0,
 ) -> Tensor:
-    """T^2 * KL(p || q) over the buckets {teacher top-k ids} + one tail bucket.
+    """Reference (no stage calls it). T^2 * KL(p || q) over the buckets {teacher top-k ids} + one tail bucket.
 
     student_logits [B, L, V]; teacher_topk_ids [B, L, k] (long) with
     teacher_topk_logprobs [B, L, k] = log_softmax(teacher_logits / T) at those ids;

@@ -260,3 +260,31 @@ def test_dvc_repro_force_reproduces_every_data_output_byte_for_byte(repo):
     before = lock_hashes(repo)
     dvc(repo, "repro", "-f")
     assert lock_hashes(repo) == before and len(before) == 6  # encoder, teacher-init, prepared, teacher, cache, student
+
+
+def test_a_cross_corpus_pair_runs_from_dvc_repro_into_the_report(repo, tmp_path):
+    """A `cross_corpus` pair is a matrix axis: with SAVEE prepared beside the RAVDESS run, `dvc repro` scores the
+    fold's teacher and student on SAVEE's fold-1 test split and the report gains the pair's table; nothing else
+    re-runs."""
+    from test_cross_corpus import savee_tree
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy, symlinks=True)
+    savee_tree(tmp_path / "SAVEE")
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["corpora"]["savee"] = {"adapter": "savee", "root": str(tmp_path / "SAVEE")}
+    params["cross_corpus"] = [{"train": "ravdess", "test": "savee"}]
+    (copy / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "pldistill_cli", "preprocess", "--dataset", "savee"], cwd=copy, env=env,
+                   check=True, capture_output=True)
+    assert stages_to_run(copy) == {"evaluate-cross-teacher@pair0-1", "evaluate-cross-student@pair0-1-pl-distill-7",
+                                   "report"}
+    dvc(copy, "repro")
+    for name in ("teacher", "student-pl-distill-s7"):
+        details = json.loads((copy / f"metrics/ravdess/fold1/on-savee/{name}-details.json").read_text())
+        assert details["labels"] == ["Happy", "Sad", "Angry", "Neutral", "Disgust", "Surprise", "Fear"]
+        assert details["n"] == 7 and details["on"] == "savee"
+    report = (copy / "report/report.md").read_text()
+    assert "## Cross-corpus" in report and "### ravdess → savee" in report and "| UA on savee |" in report
+    assert stages_to_run(copy) == set()
