@@ -29,10 +29,10 @@ from pydantic.dataclasses import dataclass
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from .config import Params, cache_settings, preprocessing
+from .config import CacheSettings, Params, cache_settings, preprocessing
 from .errors import PldistillError
 from .files import atomic_path, write_json
-from .models import provenance
+from .models import Provenance, provenance
 from .prompt import PromptLayout
 
 FORMAT_VERSION = 3
@@ -77,11 +77,11 @@ class CacheMeta:
     """meta.json of a fold's cache: what made its values (IDENTITY fields are checked when read)."""
 
     format: int
-    teacher: dict[str, Any]  # the teacher model's provenance: path, weights hash, checkpoint
+    teacher: Provenance  # the teacher model that made it
     prompt: str
     labels: tuple[str, ...]
     preprocess: dict[str, Any]  # the preprocessing settings the audio went through
-    cache: dict[str, Any]  # attention_layer, top_k, temperature, projector_targets
+    cache: CacheSettings
     ids: str = ""  # fingerprint of the cached utterance ids
     encoder: EncoderRecord | None = None
 
@@ -248,7 +248,7 @@ class TeacherCache:
         """The rows of one split, or of several (e.g. train + validation for a refit)."""
         names = (name,) if isinstance(name, str) else name
         rows = self.index[self.index["split"].isin(names)].reset_index(drop=True)
-        return CachedTargets(rows, columns, self.store, int(self.meta.cache["top_k"]))
+        return CachedTargets(rows, columns, self.store, self.meta.cache.top_k)
 
     def table(self, columns: list[str]) -> pd.DataFrame:
         """Whole columns of every row (for summaries such as the report's)."""

@@ -27,6 +27,7 @@ from .graph import CACHE, STAGES
 from .inputs import (MIN_SECONDS, audio_problem, check_cache_settings, check_device, check_encoder_store,
                      check_export_destination, check_files, check_world_size, expand_inputs, how_to_make, unusable_input)
 from .layout import Layout, student_name
+from .methods import MethodName
 from .ui import console
 
 app = typer.Typer(
@@ -36,7 +37,7 @@ app = typer.Typer(
 )
 
 Device = Optional[Literal["auto", "cpu", "cuda"]]
-Method = Optional[Literal["ce", "kd", "ldist", "pdist", "fitnets", "cka", "pl-distill"]]
+Method = Optional[MethodName]
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="Settings file.")
 DATASET = typer.Option("synthetic", "--dataset", "-d", help="Dataset name (a key of `corpora` in params.yaml).")
 FOLD = typer.Option(1, "--fold", "-k", min=1, help="Fold number (1-based).")

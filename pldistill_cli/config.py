@@ -15,6 +15,7 @@ from pydantic.dataclasses import dataclass
 from typing_extensions import TypedDict
 
 from .errors import PldistillError
+from .methods import METHODS, MethodName
 
 
 def _number(value: Any) -> Any:
@@ -48,7 +49,6 @@ Real = Annotated[float, _numeric, Field(strict=True, allow_inf_nan=False)]
 SLUG = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 Slug = Annotated[str, Field(pattern=SLUG)]
 Device = Literal["auto", "cpu", "cuda"]
-MethodName = Literal["ce", "kd", "ldist", "pdist", "fitnets", "cka", "pl-distill"]  # rows of methods.METHODS
 AdapterName = Literal["", "synthetic", "ravdess", "savee", "iemocap", "emobox", "folder"]
 
 settings = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -161,7 +161,9 @@ class TrainTeacherParams:
 
 
 @settings
-class CacheParams:
+class CacheSettings:
+    """What shapes the cached values: a cache records them (cache.CacheMeta) and its readers check them."""
+
     # the teacher LLM layer whose text-to-audio attention weights AW-CKA (-1 = last), or "mean" (every layer)
     attention_layer: Int | Literal["mean"] = -1
     top_k: Count = 16
@@ -169,19 +171,17 @@ class CacheParams:
     # PDist targets: linear = the teacher projector's W and b once (exact, from the shared encoder
     # output); gram = each clip's raw Gram K = Z Z^T of the teacher's projector output [T, T]
     projector_targets: Literal["linear", "gram"] = "linear"
+
+
+@settings
+class CacheParams(CacheSettings):
     batch_size: Count = 16
     device: Device = "auto"
 
 
 # The weights of each method's loss terms, `distill.weights.<method>` (L = CE + lambda_p (1 - CKA), or
-# lambda_p MSE for FitNets, + lambda_l KL): a method has only the weights of the terms it switches on, so that
-# DVC re-runs only the methods a changed weight reaches. This mirrors methods.Method.weights (config imports no
-# torch; test_methods checks the two agree).
-METHOD_WEIGHTS: dict[str, tuple[str, ...]] = {
-    "ce": (), "kd": ("lambda_l",), "ldist": ("lambda_l",), "pdist": ("lambda_p", "cka_estimator"),
-    "fitnets": ("lambda_p", "lambda_l"), "cka": ("lambda_p", "lambda_l", "cka_estimator"),
-    "pl-distill": ("lambda_p", "lambda_l", "cka_estimator"),
-}
+# lambda_p MSE for FitNets, + lambda_l KL): a method has only the weights of the terms it switches on
+# (methods.Method.weights), so that DVC re-runs only the methods a changed weight reaches.
 # Each weight's type and default. cka_estimator: biased = AW-CKA as in the paper (weighted HSIC with its
 # diagonal); debiased = the weighted U-statistic of Song et al.'s unbiased HSIC (no inflation when T is small
 # against the width).
@@ -192,12 +192,12 @@ _WEIGHTS: dict[str, tuple[Any, Any]] = {"lambda_p": (NonNegative, 1.0), "lambda_
 def _weights_of(method: str) -> type:
     """The settings class of one method's weights: a field for each weight its terms read and no other,
     so a weight the method would ignore is refused as an unknown setting."""
-    names = METHOD_WEIGHTS[method]
+    names = METHODS[method].weights
     namespace = {"__annotations__": {k: _WEIGHTS[k][0] for k in names}, **{k: _WEIGHTS[k][1] for k in names}}
     return settings(type(f"Weights_{method.replace('-', '_')}", (), namespace))
 
 
-_WEIGHT_CLASSES = {method: _weights_of(method) for method in METHOD_WEIGHTS}
+_WEIGHT_CLASSES = {method: _weights_of(method) for method in METHODS}
 # `pl-distill` is no Python name: the methods' weights are a mapping keyed by method, typed per key
 Weights = TypedDict("Weights", _WEIGHT_CLASSES)  # type: ignore[misc]
 Weights.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[attr-defined]
@@ -207,7 +207,7 @@ def _every_method(value: Any) -> Any:
     """A method left out (or given as an empty key, `ce:`) takes its default weights."""
     if not isinstance(value, dict):
         return value
-    return {**{m: {} for m in METHOD_WEIGHTS}, **{m: {} if w is None else w for m, w in value.items()}}
+    return {**{m: {} for m in METHODS}, **{m: {} if w is None else w for m, w in value.items()}}
 
 
 @settings
@@ -285,7 +285,7 @@ class Params:
 # The settings whose change changes what a stage makes (workers, batch sizes and devices do not).
 PREPROCESS_KEYS = ("sample_rate", "max_seconds", "min_seconds", "long_clips", "trim_silence", "trim_db",
                    "normalize_loudness", "target_dbfs")
-CACHE_KEYS = ("attention_layer", "top_k", "temperature", "projector_targets")
+CACHE_KEYS = tuple(f.name for f in dataclasses.fields(CacheSettings))
 # What distill reads of its section besides its own method's weights (`method` only names the method
 # `pldistill distill` trains when --method is not given, which the CLI resolves before the stage runs).
 DISTILL_KEYS = tuple(f.name for f in dataclasses.fields(DistillParams) if f.name not in ("weights", "method"))
@@ -296,9 +296,9 @@ def preprocessing(params: Params) -> dict[str, Any]:
     return {k: getattr(params.preprocess, k) for k in PREPROCESS_KEYS}
 
 
-def cache_settings(params: Params) -> dict[str, Any]:
+def cache_settings(params: Params) -> CacheSettings:
     """The cache settings that shape the cached values."""
-    return {k: getattr(params.cache, k) for k in CACHE_KEYS}
+    return CacheSettings(**{k: getattr(params.cache, k) for k in CACHE_KEYS})
 
 
 def check_dataset_name(name: str) -> None:
@@ -324,7 +324,7 @@ def _misplaced_weight(loc: tuple) -> str | None:
     *path, name = loc
     if name not in _WEIGHTS:
         return None
-    users = ", ".join(m for m, names in METHOD_WEIGHTS.items() if name in names)
+    users = ", ".join(m for m, row in METHODS.items() if name in row.weights)
     if path == ["distill"]:
         return f"`distill.{name}` is set per method: `distill.weights.<method>.{name}` (methods using it: {users})"
     if path[:2] == ["distill", "weights"] and len(path) == 3:

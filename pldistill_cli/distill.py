@@ -23,7 +23,8 @@ from .errors import PldistillError
 from .forward import score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels
-from .methods import METHODS, Method, TargetCollate, Teacher, distillation_terms, weighted
+from .methods import METHODS, Method
+from .terms import TargetCollate, Teacher, distillation_terms, weighted
 from .metrics import classification_metrics
 from .models import (ModelMeta, add_lora, assemble_student, build_student_llm, check_sample_rate, count_parameters,
                      environment, get_preset, load_encoder, provenance, save_model, weights_dtype)
@@ -172,13 +173,13 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     prompt = PromptLayout.from_processor(processor, labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher_dir, prompt, params), prompt)
     columns = method.columns
-    if cache.meta.cache["projector_targets"] == "gram" and method.projector in ("aw_cka", "cka"):
+    if cache.meta.cache.projector_targets == "gram" and method.projector in ("aw_cka", "cka"):
         columns += ("gram",)
     train = with_labels(cache.split("train", columns), method, p.label_fraction)
     validation = cache.split("validation", columns)
     if not len(train) or not len(validation):
         raise PldistillError(f"{cache.folder}: the cache needs train and validation rows; re-run cache-teacher")
-    teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache["temperature"],
+    teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache.temperature,
                          weights.get("cka_estimator", "biased"))
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
     vocab = student.model.config.text_config.vocab_size

@@ -90,7 +90,7 @@ def usage(labels) -> str:
 
 def _front_matter(meta: ModelMeta) -> dict:
     m = meta.test_metrics or {}
-    bases = [c["source"] for c in (meta.checkpoint, meta.student_llm, (meta.teacher or {}).get("checkpoint"))
+    bases = [c["source"] for c in (meta.checkpoint, meta.student_llm, meta.teacher and meta.teacher.checkpoint)
              if c and "/" in str(c.get("source", "")) and not Path(c["source"]).exists()]
     split = f"test (fold {meta.fold}, speaker-independent)"
     return {
@@ -119,7 +119,7 @@ def _front_matter(meta: ModelMeta) -> dict:
 def teacher_source(meta: ModelMeta) -> str:
     """The student's teacher by where it came from (a checkpoint and its revision, or a preset that
     pldistill trained), never by the folder it sat in on the machine that made it."""
-    base = (meta.teacher or {}).get("checkpoint")
+    base = meta.teacher and meta.teacher.checkpoint
     data = f"{meta.dataset} fold {meta.fold}"
     if base:
         return f"`{base['source']}` at revision `{base['revision']}`, the teacher pldistill used on {data}"
@@ -129,7 +129,6 @@ def teacher_source(meta: ModelMeta) -> str:
 def model_card(meta: ModelMeta, parameters: int) -> str:
     m = meta.test_metrics
     scores = f"WA {m['wa']:.3f}, UA {m['ua']:.3f}, macro-F1 {m['macro_f1']:.3f}" if m else "not evaluated"
-    teacher = meta.teacher or {}
     versions = ", ".join(f"{k} {v}" for k, v in sorted(meta.versions.items()))
     return f"""---
 {yaml.safe_dump(_front_matter(meta), sort_keys=False).strip()}
@@ -140,7 +139,7 @@ def model_card(meta: ModelMeta, parameters: int) -> str:
 - **Model**: `Qwen2AudioForConditionalGeneration`, {parameters:,} parameters (fp32, any LoRA merged); the
   labels are in `config.id2label`.
 - **Method**: {meta.method} (student seed {meta.seed}), distilled from the teacher below.
-- **Teacher**: {teacher_source(meta)} (weights {teacher.get('weights')}).
+- **Teacher**: {teacher_source(meta)} (weights {meta.teacher and meta.teacher.weights}).
 - **Data**: {meta.dataset}, fold {meta.fold} (speaker-independent; checkpoint chosen on validation).
   Licence of the data: {CORPUS_LICENCES.get(meta.dataset, 'see the corpus terms')}
 - **Labels**: {', '.join(meta.labels)}

@@ -24,13 +24,13 @@ from pathlib import Path
 import yaml
 
 from .config import CACHE_KEYS, DISTILL_KEYS, PREPROCESS_KEYS
-from .layout import REPORT_FILES, Layout
+from .layout import REPORT_FILES, Layout, student_name
 
 PACKAGE = Path(__file__).resolve().parent
 ROOT = PACKAGE.parent
 AXES = {"dataset": "datasets", "fold": "folds", "method": "methods", "seed": "seeds"}  # axis -> params.yaml list
 _L = Layout()
-_RUN = "student-{method}-s{seed}"
+_RUN = student_name("{method}", "{seed}")
 ENCODER = str(_L.encoder())
 TEACHER_INIT = str(_L.teacher_init())
 PREPARED = str(_L.prepared("{dataset}"))

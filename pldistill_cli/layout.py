@@ -9,8 +9,8 @@ from pathlib import Path
 REPORT_FILES = ("report.md", "report.html", "training_curves.csv", "predictions.csv", "figures")  # what the report stage owns in report/
 
 
-def student_name(method: str, seed: int) -> str:
-    """A student run: one method trained with one seed (also its metrics name)."""
+def student_name(method: str, seed: int | str) -> str:
+    """A student run: one method trained with one seed (also its metrics name; graph.py's template)."""
     return f"student-{method}-s{seed}"
 
 

@@ -249,6 +249,16 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 @validated(frozen=True)
+class Provenance:
+    """What identifies a saved model in the outputs made from it (a cache's meta.json, a student's
+    pldistill.json): its folder, its weights hash and, for a model from a real checkpoint, that checkpoint."""
+
+    path: str
+    weights: Optional[str]
+    checkpoint: Optional[dict[str, str]] = None  # source, revision
+
+
+@validated(frozen=True)
 class ModelMeta:
     """pldistill.json, the metadata every model folder carries: written by train-teacher, distill and
     export through save_model / save_reference, read (and validated) through ModelMeta.read."""
@@ -267,7 +277,7 @@ class ModelMeta:
     checkpoint: Optional[dict[str, str]] = None  # a teacher from a real checkpoint: source, revision
     base: Optional[dict[str, str]] = None  # a model kept as a reference to a checkpoint: source, revision, path
     student_llm: Optional[dict[str, Any]] = None  # where a student's LLM came from
-    teacher: Optional[dict[str, Any]] = None  # a student's teacher: provenance()
+    teacher: Optional[Provenance] = None  # a student's teacher
     cache: Optional[dict[str, Any]] = None  # a student's cache: its CacheMeta
     best_epoch: Optional[int] = None
     validation_ua: Optional[float] = None
@@ -526,11 +536,10 @@ def weights_dtype(setting: str, device: torch.device, frozen: bool) -> torch.dty
     return torch.float32
 
 
-def provenance(folder: Path) -> dict[str, Any]:
-    """What identifies a saved model in the outputs made from it: its folder, weights hash and, for a
-    model from a real checkpoint, that checkpoint's source and revision."""
+def provenance(folder: Path) -> Provenance:
+    """The Provenance of the model saved in `folder`."""
     made_by = ModelMeta.read(folder)
-    return {"path": str(folder), "weights": made_by.weights, "checkpoint": made_by.checkpoint}
+    return Provenance(str(folder), made_by.weights, made_by.checkpoint)
 
 
 def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):

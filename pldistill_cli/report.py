@@ -374,7 +374,7 @@ def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels
     teacher = layout.teacher(dataset, fold)
     prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(teacher), labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher, prompt, params), prompt)
-    k, temperature = cache.meta.cache["top_k"], cache.meta.cache["temperature"]
+    k, temperature = cache.meta.cache.top_k, cache.meta.cache.temperature
     rows = cache.table(["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"])
     found = []
     for r in rows.itertuples():

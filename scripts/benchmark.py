@@ -56,7 +56,8 @@ from pldistill_cli.forward import (audio_features, encode_audio, forward_from_en
 from pldistill_cli.labels import label_set
 from pldistill_cli.layout import Layout, student_name
 from pldistill_cli.losses import answer_cross_entropy, bucketed_kl, full_kl, topk_logprobs
-from pldistill_cli.methods import CONSTANTS, METHODS, TargetCollate, Teacher, distillation_terms
+from pldistill_cli.methods import METHODS
+from pldistill_cli.terms import CONSTANTS, TargetCollate, Teacher, distillation_terms
 from pldistill_cli.models import (Preset, assemble_student, build_student_llm, build_teacher, count_parameters, get_preset,
                                   load_model, weights_dtype)
 from pldistill_cli.prompt import PromptLayout

@@ -22,7 +22,8 @@ from transformers.models.qwen2_audio.configuration_qwen2_audio import (
 )
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
-from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
+from pldistill_cli.methods import METHODS
+from pldistill_cli.terms import TargetCollate, Teacher, distillation_terms
 from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.labels import LABEL_SETS
 from pldistill_cli.models import (

@@ -22,7 +22,7 @@ from pldistill_cli.errors import PldistillError
 from pldistill_cli.layout import Layout
 from pldistill_cli.losses import (_safe_cka, aw_cka, aw_cka_encoded, aw_cka_gram, bucketed_kl, full_kl,
                                   teacher_factor, topk_logprobs)
-from pldistill_cli.methods import TargetCollate, Teacher
+from pldistill_cli.terms import TargetCollate, Teacher
 from pldistill_cli.metrics import UNMATCHED, classification_metrics, cluster_bootstrap_ua, headline
 from pldistill_cli.prompt import PromptLayout
 from pldistill_cli.report import (Runs, _collect, _load, _mean_sd, _references, _summary_row, diagnostics, render_html,

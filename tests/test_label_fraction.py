@@ -66,7 +66,8 @@ def _relabelled(item: dict, prompt, label: str) -> dict:
 def test_nothing_learned_from_a_clip_without_its_label_depends_on_that_label(setup, method):
     import torch
 
-    from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
+    from pldistill_cli.methods import METHODS
+    from pldistill_cli.terms import TargetCollate, Teacher, distillation_terms
 
     student, items, prompt, pair, weight, bias = setup
     teacher = Teacher.of(weight, bias, 2.0)

@@ -2,18 +2,21 @@
 checked against sums computed independently (CE by hand from the answer tokens' log-probabilities),
 by which cached targets move the student's gradients, and by which cache columns it reads."""
 
+import dataclasses
+from pathlib import Path
 from typing import get_args
 
 import pytest
 import torch
 
-from pldistill_cli.config import METHOD_WEIGHTS, MethodName
+from pldistill_cli.config import DistillParams
 from pldistill_cli.forward import forward_from_encoder, step_mask
 from pldistill_cli.labels import label_set
 from pldistill_cli.losses import KLTargets, aw_cka, bucketed_kl, topk_logprobs
-from pldistill_cli.methods import CONSTANTS, METHODS, TargetCollate, Teacher, distillation_terms, weighted
+from pldistill_cli.methods import METHODS
 from pldistill_cli.models import assemble_student, build_student_llm, get_preset
 from pldistill_cli.prompt import PromptLayout
+from pldistill_cli.terms import CONSTANTS, TargetCollate, Teacher, distillation_terms, weighted
 
 # which perturbed target may change the gradient: KL at answer positions, KL elsewhere, attention w, teacher features
 EXPECTED = {
@@ -55,10 +58,28 @@ def setup(tiny_teacher):
     return student, TargetCollate(prompt)(items), weight, bias, prompt
 
 
-def test_the_method_table_is_the_configured_set_of_methods():
-    assert set(METHODS) == set(get_args(MethodName))
-    # params.yaml's `distill.weights.<method>` (validated without torch) are the weights of the method's terms
-    assert METHOD_WEIGHTS == {name: row.weights for name, row in METHODS.items()}
+def test_the_method_table_is_the_only_list_of_methods():
+    """params.yaml's methods, their `distill.weights.<method>` and the CLI's --method choices all come from
+    METHODS; no module of the package writes a second list of method names (3 or more in one literal)."""
+    import ast
+
+    from pldistill_cli.cli import Method as CliMethod
+    from pldistill_cli.config import Params
+
+    assert set(get_args(get_args(Params.__pydantic_fields__["methods"].annotation)[0])) == set(METHODS)
+    weights = DistillParams().weights
+    assert {m: tuple(dataclasses.asdict(w)) for m, w in weights.items()} == {m: r.weights for m, r in METHODS.items()}
+    assert set(get_args(get_args(CliMethod)[0])) == set(METHODS)
+    package = Path(__file__).resolve().parents[1] / "pldistill_cli"
+    lists = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", [])
+            named = {n.value for n in items if isinstance(n, ast.Constant)} & set(METHODS)
+            if len(named) >= 3:
+                lists.append(f"{path.name}:{node.lineno}")
+    assert lists == [next(f"methods.py:{n.lineno}" for n in ast.walk(ast.parse((package / "methods.py").read_text()))
+                          if isinstance(n, ast.Dict))]
 
 
 def _gradient(student, batch, method, weight, bias, adapter):

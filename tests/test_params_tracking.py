@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pldistill_cli.config import METHOD_WEIGHTS
+from pldistill_cli.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 # README's method table: which methods have a projector term, a KL term, a CKA (whose estimator is a setting)
@@ -39,7 +39,7 @@ def project(tmp_path_factory) -> Path:
     shutil.copytree(ROOT / "pldistill_cli", repo / "pldistill_cli", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["methods"] = list(METHOD_WEIGHTS)
+    params["methods"] = list(METHODS)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc(repo, "init", "--no-scm", "-q")
     with Repo(str(repo)) as dvc_repo:
@@ -87,10 +87,10 @@ def test_a_methods_weight_reruns_only_that_methods_student(project):
 def test_a_weight_changed_everywhere_reruns_only_the_methods_with_its_term(project, weight, value, users):
     """lambda_p changed for every method that has it re-runs the projector methods' students, and leaves
     ce, kd and ldist alone (so does lambda_l for ce and pdist, cka_estimator for ce, kd, ldist and fitnets)."""
-    overrides = tuple(f"distill.weights.{m}.{weight}={value}" for m, names in METHOD_WEIGHTS.items() if weight in names)
+    overrides = tuple(f"distill.weights.{m}.{weight}={value}" for m, row in METHODS.items() if weight in row.weights)
     assert stale(project, overrides) == {f"distill {m}" for m in users} | {"report"}
 
 
 def test_a_setting_every_student_reads_reruns_them_all(project):
     """The other distill keys stay tracked for every method."""
-    assert stale(project, ("distill.lr=0.01",)) == {f"distill {m}" for m in METHOD_WEIGHTS} | {"report"}
+    assert stale(project, ("distill.lr=0.01",)) == {f"distill {m}" for m in METHODS} | {"report"}

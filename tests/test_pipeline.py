@@ -396,7 +396,8 @@ def test_a_gram_cache_gives_the_same_projector_term_as_the_linear_one(run_dir, t
     from pldistill_cli.cache_teacher import build_cache
     from pldistill_cli.distill import build_student
     from pldistill_cli.layout import Layout
-    from pldistill_cli.methods import METHODS, TargetCollate, Teacher, distillation_terms
+    from pldistill_cli.methods import METHODS
+    from pldistill_cli.terms import TargetCollate, Teacher, distillation_terms
     from pldistill_cli.prompt import PromptLayout
     from transformers import AutoProcessor
 
