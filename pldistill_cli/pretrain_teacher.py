@@ -40,11 +40,12 @@ from .ui import console, progress
 
 
 class _PoolClips(Clips):
-    """Clips whose log-mels were computed from rendered audio in memory (no files): rows need `label`
+    """Clips whose log-mels `processor` computed from rendered audio in memory (no files): rows need `label`
     and `duration` only."""
 
-    def __init__(self, rows: pd.DataFrame, features: torch.Tensor, feature_mask: torch.Tensor):
+    def __init__(self, rows: pd.DataFrame, features: torch.Tensor, feature_mask: torch.Tensor, processor):
         self.rows, self.features, self.feature_mask = rows.reset_index(drop=True), features, feature_mask
+        self.processor = processor
 
 
 def render_pool(plan, processor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -84,8 +85,8 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
                          "duration": durations})
     held = set(sorted(set(rows["speaker"]))[-p.validation_voices:])
     is_held = torch.tensor(rows["speaker"].isin(held).to_numpy())
-    train = _PoolClips(rows[~is_held.numpy()], features[~is_held], feature_mask[~is_held])
-    validation = _PoolClips(rows[is_held.numpy()], features[is_held], feature_mask[is_held])
+    train = _PoolClips(rows[~is_held.numpy()], features[~is_held], feature_mask[~is_held], processor)
+    validation = _PoolClips(rows[is_held.numpy()], features[is_held], feature_mask[is_held], processor)
     console.print(f"teacher ({preset}) pretraining: {len(train)} clips of {p.voices - p.validation_voices} voices, "
                   f"{len(validation)} of {p.validation_voices} held out")
 
