@@ -33,13 +33,13 @@ from .cache import (CACHE_SCHEMA, GRAM_SCHEMA, META_FILE, PROJECTOR_FILE, CacheM
 from .config import Params, fingerprint, params_file, preprocessing
 from .data import length_sorted_batches, text_batch
 from .errors import PldistillError
+from .families import family_of
 from .files import replace_folder
 from .forward import audio_features, encode_audio, forward_with_audio_attention, topk_from_hidden
 from .inputs import check_cache_settings
 from .layout import Layout
 from .manifest import manifest_labels, read_manifest, split_of
 from .models import bf16_device, load_encoder, load_model, weights_dtype
-from .prompt import PromptLayout
 from .training import autocast, resolve_device, start_processes
 from .ui import console, progress
 
@@ -77,7 +77,8 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
     processes = start_processes(device, params.world_size)
     rank = processes.process_index
     model, processor = load_model(teacher_dir, device, dtype=weights_dtype(params.model.dtype, device, frozen=True))
-    prompt = PromptLayout.from_processor(processor, labels)
+    family = family_of(model)
+    prompt = family.prompt(processor, labels)
     manifest = read_manifest(layout.manifest(dataset))
     manifest["split"] = split_of(manifest, fold)
     rows = manifest[manifest["split"] != "test"].reset_index(drop=True)
@@ -85,7 +86,7 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
     precision = "bf16" if bf16_device(device) or model.dtype == torch.bfloat16 else "fp32"
     key = fingerprint({"encoder": encoder_hash, "preprocess": preprocessing(params),
                        "window": processor.feature_extractor.chunk_length, "precision": precision})
-    store = EncoderStore(layout.encoded(dataset, key), model.config.audio_config.d_model)
+    store = EncoderStore(layout.encoded(dataset, key), family.projector(model).in_features)
     meta = dataclasses.replace(expected_meta(teacher_dir, prompt, params), ids=fingerprint(sorted(rows["id"])),
                                encoder=EncoderRecord(encoder_hash, str(store.folder), precision))
 
@@ -123,9 +124,9 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
                 hidden, weights = forward_with_audio_attention(model, prompt, encoded.to(model.dtype), lengths,
                                                                text.input_ids, text.attention_mask, p.attention_layer,
                                                                logits=False)
-                top_ids, top_lp = topk_from_hidden(model.lm_head, hidden[:, :-1], p.top_k, p.temperature)
+                top_ids, top_lp = topk_from_hidden(family.head(model), hidden[:, :-1], p.top_k, p.temperature)
             if p.projector_targets == "gram":
-                z = model.model.multi_modal_projector(encoded.to(model.dtype)).float()
+                z = family.project(model, encoded.to(model.dtype)).float()
                 grams = z @ z.mT
             out = []
             for i, row in enumerate(batch.itertuples()):
@@ -153,7 +154,7 @@ def build_cache(dataset: str, fold: int, params: Params, layout: Layout = Layout
         if len(ids) != len(set(ids)) or set(ids) != set(rows["id"]):
             raise PldistillError(f"{work}: {len(ids)} rows for {len(rows)} utterances ({len(ids) - len(set(ids))} "
                                  "duplicated); delete the folder and re-run `pldistill cache-teacher`")
-        projector = model.model.multi_modal_projector.linear
+        projector = family.projector(model)
         save_file({"weight": projector.weight.float().cpu().contiguous(),
                    "bias": projector.bias.float().cpu().contiguous()}, str(work / PROJECTOR_FILE))
         final.parent.mkdir(parents=True, exist_ok=True)

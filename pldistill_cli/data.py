@@ -75,7 +75,7 @@ class Clips:
     model's step. `nbytes` says what keeping them costs."""
 
     def __init__(self, rows: pd.DataFrame, processor, in_memory: bool = False, chunk: int = 64):
-        self.rows = rows.reset_index(drop=True)
+        self.rows, self.processor = rows.reset_index(drop=True), processor
         self.audio, self.collate = AudioClips(self.rows, processor.feature_extractor.sampling_rate), AudioCollate(processor)
         self.features = self.feature_mask = None
         if in_memory and len(self.rows):
@@ -97,7 +97,7 @@ class Clips:
         """The AudioBatch of each list of row indices, in order."""
         if self.features is None:
             return DataLoader(self.audio, batch_sampler=batches, collate_fn=self.collate)
-        return (AudioBatch(b, self.features[b], self.feature_mask[b], audio_steps(self.feature_mask[b]))
+        return (AudioBatch(b, self.features[b], self.feature_mask[b], audio_steps(self.feature_mask[b], self.processor))
                 for b in batches)
 
 
@@ -134,7 +134,7 @@ class AudioCollate:
 
     def __call__(self, items: list[tuple[int, np.ndarray]]) -> AudioBatch:
         features, mask = audio_features(self.processor, [w for _, w in items])
-        return AudioBatch([i for i, _ in items], features, mask, audio_steps(mask))
+        return AudioBatch([i for i, _ in items], features, mask, audio_steps(mask, self.processor))
 
 
 def length_sorted_batches(lengths: Sequence[float], batch_size: int) -> list[list[int]]:

@@ -19,6 +19,7 @@ from .cache import CachedTargets, TeacherCache, expected_meta
 from .checkpoints import load_student_llm
 from .config import DISTILL_KEYS, Params, fingerprint, preprocessing
 from .data import labelled_clips
+from .families import family_of
 from .errors import PldistillError
 from .forward import score_labels
 from .layout import Layout, student_name
@@ -135,14 +136,15 @@ def fresh_student(params: Params, processor, teacher_dir, seed: int, cache: Teac
     p = params.distill
     seed_everything(seed)
     student, origin, encoder_weights = build_student(params, processor, teacher_dir, seed)
+    family = family_of(student)
     if p.train_llm == "frozen":
-        student.model.language_model.requires_grad_(False)
-        student.lm_head.requires_grad_(False)
+        family.llm(student).requires_grad_(False)
+        family.head(student).requires_grad_(False)
     if params.model.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = add_lora(student, p.lora_r, p.lora_alpha, p.lora_dropout, p.lora_projector) if p.train_llm == "lora" else None
-    cache.check_student_encoder(student.model.audio_tower, encoder_weights)  # after every change to what trains
-    adapter = torch.nn.Linear(student.config.text_config.hidden_size, cache.projector_weight.shape[0])
+    cache.check_student_encoder(family.encoder(student), encoder_weights)  # after every change to what trains
+    adapter = torch.nn.Linear(family.llm(student).config.hidden_size, cache.projector_weight.shape[0])
     trained = {"student": student, **({"adapter": adapter} if method.projector == "fitnets" else {})}
     for module in trained.values():
         module.to(device)
@@ -170,7 +172,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
 
     processor = AutoProcessor.from_pretrained(teacher_dir)  # the student always uses the teacher's processor
     check_sample_rate(processor, params.preprocess.sample_rate)
-    prompt = PromptLayout.from_processor(processor, labels)
+    prompt = family_of(processor, "processor").prompt(processor, labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher_dir, prompt, params), prompt)
     columns = method.columns
     if cache.meta.cache.projector_targets == "gram" and method.projector in ("aw_cka", "cka"):
@@ -182,7 +184,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache.temperature,
                          weights.get("cka_estimator", "biased"))
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
-    vocab = student.model.config.text_config.vocab_size
+    vocab = family_of(student.model).llm(student.model).config.vocab_size
     teacher_constants(train, method, teacher, prompt, p.batch_size, vocab, p.teacher_memory_mb)
     teacher = teacher.to(device)
     trainable = sum(x.numel() for x in student.model.parameters() if x.requires_grad)

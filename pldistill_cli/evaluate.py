@@ -19,6 +19,7 @@ import torch
 from .config import Params, params_file
 from .data import AudioClips, AudioCollate, text_batch
 from .errors import PldistillError
+from .families import family_of
 from .files import atomic_path, write_json
 from .forward import encode_audio, forward_with_audio_attention
 from .layout import Layout, student_name
@@ -140,7 +141,7 @@ def evaluate_model(dataset: str, fold: int, which: str, params: Params, layout: 
         test, scored_labels = cross_corpus_test(dataset, on, fold, params, layout)
     device = resolve_device(p.device)
     model, processor = load_model(folder, device, dtype=weights_dtype(params.model.dtype, device, frozen=True))
-    prompt = PromptLayout.from_processor(processor, labels)
+    prompt = family_of(model).prompt(processor, labels)
     scored = predict_audio(model, processor, prompt, test, p.batch_size, device, f"evaluate {name}", p.scoring,
                            p.max_new_tokens)
     if on is not None:

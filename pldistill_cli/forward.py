@@ -1,5 +1,7 @@
 """Inputs and forward passes shared by every stage: audio features, the encoder, the
-LLM on top of (cached) encoder output, attention capture at one layer, and label scoring."""
+LLM on top of (cached) encoder output, attention capture at one layer, and label scoring. Each
+reaches the model's insides through its family (families.family_of), so every family runs the
+same passes."""
 
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, apply_rotary_pos_emb, repeat_kv
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
 from .errors import PldistillError
+from .families import family_of
 from .losses import topk_logprobs
 from .prompt import PromptLayout
 
@@ -23,31 +24,19 @@ from .prompt import PromptLayout
 CACHE = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
 
 
-def audio_features(processor: Qwen2AudioProcessor, waves: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
-    """Log-mel features padded to the encoder window, and their frame mask (clips beyond it are cut)."""
-    out = processor.feature_extractor(
-        list(waves), sampling_rate=processor.feature_extractor.sampling_rate, padding="max_length", truncation=True, return_attention_mask=True,
-        return_tensors="pt",
-    )
-    return out["input_features"], out["attention_mask"]
+def audio_features(processor, waves: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Encoder input features padded to the encoder window, and their frame mask (clips beyond it are cut)."""
+    return family_of(processor, "processor").audio_features(processor, waves)
 
 
-def audio_steps(feature_mask: Tensor) -> Tensor:
-    """Number T of audio tokens per clip (conv stride 2, then average pooling by 2)."""
-    frames = feature_mask.sum(-1)
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+def audio_steps(feature_mask: Tensor, processor) -> Tensor:
+    """Number T of audio tokens per clip, as the family of the processor that made the features encodes them."""
+    return family_of(processor, "processor").audio_steps(feature_mask)
 
 
-def encode_audio(model: Qwen2AudioForConditionalGeneration, features: Tensor, feature_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Encoder output X [B, T_max, D_enc] and lengths T [B], masked exactly as Qwen2-Audio masks it."""
-    tower = model.model.audio_tower
-    feat_lengths, lengths = tower._get_feat_extract_output_lengths(feature_mask.sum(-1))
-    steps = (features.shape[-1] - 2) // 2 + 1
-    valid = (torch.arange(steps, device=features.device)[None] < feat_lengths[:, None]).long()
-    dummy = torch.zeros(features.shape[0], steps, 1, dtype=tower.conv1.weight.dtype, device=features.device)
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=dummy, attention_mask=valid)
-    hidden = tower(features, attention_mask=mask).last_hidden_state
-    return hidden, lengths.to(hidden.device)
+def encode_audio(model, features: Tensor, feature_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder output X [B, T_max, D_enc] and lengths T [B], masked exactly as the model's family masks it."""
+    return family_of(model).encode(model, features, feature_mask)
 
 
 def step_mask(lengths: Tensor, steps: int) -> Tensor:
@@ -55,7 +44,7 @@ def step_mask(lengths: Tensor, steps: int) -> Tensor:
 
 
 def forward_from_encoder(
-    model: Qwen2AudioForConditionalGeneration,
+    model,
     encoded: Tensor,
     lengths: Tensor,
     input_ids: Tensor,
@@ -66,22 +55,24 @@ def forward_from_encoder(
     """Logits [B, S, V] (or, with logits=False, the LLM's last hidden states [B, S, D]), projector
     output [B, T_max, D_llm] and the KV cache, from encoder output. Equals the model's own forward
     on the audio (tested); works with left or right padding."""
-    projected = model.model.multi_modal_projector(encoded)
-    embeds = model.model.get_input_embeddings()(input_ids)
-    audio_slots = input_ids == model.config.audio_token_id
+    family = family_of(model)
+    projected = family.project(model, encoded)
+    llm = family.llm(model)
+    embeds = llm.get_input_embeddings()(input_ids)
+    audio_slots = input_ids == family.audio_token_id(model.config)
     audio = projected[step_mask(lengths, projected.shape[1])]
     if audio.shape[0] != int(audio_slots.sum()):
         raise PldistillError(f"prompt has {int(audio_slots.sum())} audio slots for {audio.shape[0]} audio steps")
     embeds = embeds.masked_scatter(audio_slots[..., None], audio.to(embeds.dtype))
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **llm_kwargs)
+    out = llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, **llm_kwargs)
     hidden = out.last_hidden_state
-    return model.lm_head(hidden) if logits else hidden, projected, getattr(out, CACHE)
+    return family.head(model)(hidden) if logits else hidden, projected, getattr(out, CACHE)
 
 
 @contextmanager
 def capture_audio_attention(
-    model: Qwen2AudioForConditionalGeneration, layer: int | str, query_mask: Tensor, audio_mask: Tensor,
+    model, layer: int | str, query_mask: Tensor, audio_mask: Tensor,
     key_mask: Tensor
 ) -> Iterator[dict]:
     """While active, the next forward pass stores in result["weights"] the attention [B, S] of the
@@ -91,27 +82,23 @@ def capture_audio_attention(
 
     Only those layers' query rows are recomputed from their inputs (q, k after rotary embedding), so no
     layer's full attention matrix is materialised and the model keeps its fast attention kernel."""
-    layers = model.model.language_model.layers
+    family = family_of(model)
+    layers = family.attention_layers(model)
     if layer != "mean" and not -len(layers) <= layer < len(layers):
         raise PldistillError(f"params.yaml: cache.attention_layer {layer} is outside the teacher's {len(layers)} LLM layers")
-    chosen = list(layers) if layer == "mean" else [layers[layer]]
+    chosen = layers if layer == "mean" else [layers[layer]]
     captured: list[Tensor] = []
     result: dict = {}
 
     def hook(module, args, kwargs, output):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        b, s, _ = hidden.shape
-        q = module.q_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
-        k = module.k_proj(hidden).view(b, s, -1, module.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k = repeat_kv(k, module.num_key_value_groups)
+        q, k, scaling = family.queries_keys(module, args, kwargs)
+        s = q.shape[2]
         n_query = int(query_mask.sum(-1).max())
         # Gather each clip's query rows (padded to n_query) so only [B, H, n_query, S] scores exist.
         order = torch.sort(query_mask.long(), dim=-1, descending=True, stable=True).indices[:, :n_query]
         rows = torch.gather(q, 2, order[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
-        scores = (rows.float() @ k.float().transpose(-1, -2)) * module.scaling
-        keys = torch.arange(s, device=hidden.device)
+        scores = (rows.float() @ k.float().transpose(-1, -2)) * scaling
+        keys = torch.arange(s, device=q.device)
         allowed = (keys[None, None, :] <= order[:, :, None]) & key_mask.bool()[:, None, :]
         scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
         probs = scores.softmax(-1)
@@ -121,7 +108,7 @@ def capture_audio_attention(
         captured.append(mean / mean.sum(-1, keepdim=True).clamp(min=1e-12))
         result["weights"] = torch.stack(captured).mean(0)  # each layer's weights sum to 1: so does their mean
 
-    handles = [l.self_attn.register_forward_hook(hook, with_kwargs=True) for l in chosen]
+    handles = [attention.register_forward_hook(hook, with_kwargs=True) for attention in chosen]
     try:
         yield result
     finally:
@@ -144,7 +131,7 @@ def forward_with_audio_attention(model, prompt: PromptLayout, encoded: Tensor, l
 
 @torch.no_grad()
 def score_labels(
-    model: Qwen2AudioForConditionalGeneration, prompt: PromptLayout, encoded: Tensor, lengths: Tensor
+    model, prompt: PromptLayout, encoded: Tensor, lengths: Tensor
 ) -> Tensor:
     """log P(answer = label | audio, prompt) for every label, [B, n_labels].
 
@@ -175,10 +162,11 @@ def score_labels(
     cand_ids = cand.repeat(b, 1)
     full_mask = torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(cand_ids)], dim=1)
     positions = mask.sum(-1).repeat_interleave(n)[:, None] + torch.arange(answer_width, device=device)[None]
-    out = model.model.language_model(
+    family = family_of(model)
+    out = family.llm(model)(
         input_ids=cand_ids, attention_mask=full_mask, position_ids=positions, use_cache=True, **{CACHE: cache}
     )
-    logp = model.lm_head(out.last_hidden_state).float().log_softmax(-1)  # [b*n, W, V]
+    logp = family.head(model)(out.last_hidden_state).float().log_softmax(-1)  # [b*n, W, V]
     # token t of the answer is predicted at step t-1 of the candidate pass (step -1 = the prompt pass)
     first_lp = first.repeat_interleave(n, 0).gather(1, cand_ids[:, :1])[:, 0]
     rest = logp[:, :-1].gather(2, cand_ids[:, 1:, None])[..., 0] * cand_mask.repeat(b, 1)[:, 1:]

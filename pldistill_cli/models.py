@@ -1,8 +1,9 @@
 """Teacher and student models: presets, the shared processor, student assembly, save and load.
 
-Both models are `Qwen2AudioForConditionalGeneration`. The student is assembled the way the paper
-does it: the teacher's audio encoder (config and weights, frozen), a new linear projector, and a
-smaller LLM; it always uses the teacher's processor (tokenizer, feature extractor, chat template).
+Both models are of the teacher's family (families.AudioLLM; the presets build Qwen2-Audio). The student
+is assembled the way the paper does it: the teacher's audio encoder (config and weights, frozen), a new
+linear projector, and a smaller LLM; it always uses the teacher's processor (tokenizer, feature
+extractor, chat template).
 """
 
 from __future__ import annotations
@@ -17,16 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import torch
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2AudioConfig,
-    Qwen2AudioForConditionalGeneration,
-    Qwen2AudioProcessor,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    WhisperFeatureExtractor,
-)
-from transformers.models.qwen2_audio.configuration_qwen2_audio import Qwen2AudioEncoderConfig
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.utils import logging as hf_logging
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -35,6 +27,7 @@ from pydantic.dataclasses import dataclass as validated
 from .checkpoints import Checkpoint, resolve_checkpoint, weights_fingerprint
 from .config import Params, fingerprint
 from .errors import PldistillError
+from .families import family_of
 from .files import fresh_folder, replace_folder, write_json
 from .inputs import METADATA_FILE
 from .methods import MethodName
@@ -55,8 +48,9 @@ TOKENIZER_LABEL_SETS: tuple[tuple[str, ...], ...] = (
 
 @dataclass(frozen=True)
 class Preset:
-    """A model family built from configs. `window_seconds` sets the encoder's input window
-    (the real encoder always sees 30 s; tiny presets shorten it to keep CPU runs fast)."""
+    """Model sizes built from configs, of a teacher family (families; its encoder config takes `encoder`).
+    `window_seconds` sets the encoder's input window (the real encoder always sees 30 s; tiny presets
+    shorten it to keep CPU runs fast)."""
 
     name: str
     window_seconds: int
@@ -64,6 +58,7 @@ class Preset:
     teacher_llm: dict[str, Any]
     student_llm: dict[str, Any]
     vocab_size: int = 400
+    family: str = "qwen2_audio"  # a model_type of families.FAMILIES
 
 
 PRESETS = {
@@ -129,9 +124,6 @@ def build_tokenizer(vocab_size: int, audio_tokens: bool = True) -> PreTrainedTok
                                    additional_special_tokens=specials)
 
 
-ENCODER_RATE = 16000  # Whisper-style log-mels: 25 ms windows, 10 ms hops at 16 kHz
-
-
 def check_sample_rate(processor, sample_rate: int) -> None:
     """The prepared audio's rate (preprocess.sample_rate) must be the one the model's features expect."""
     expected = processor.feature_extractor.sampling_rate
@@ -140,12 +132,10 @@ def check_sample_rate(processor, sample_rate: int) -> None:
                              f"extractor expects {expected} Hz; set it to {expected} and re-run `pldistill preprocess`")
 
 
-def build_processor(preset: Preset) -> Qwen2AudioProcessor:
-    features = WhisperFeatureExtractor(
-        feature_size=128, sampling_rate=ENCODER_RATE, hop_length=160, n_fft=400, chunk_length=preset.window_seconds
-    )
-    return Qwen2AudioProcessor(feature_extractor=features, tokenizer=build_tokenizer(preset.vocab_size),
-                               chat_template=CHAT_TEMPLATE)
+def build_processor(preset: Preset):
+    """The preset's processor: its family's feature extractor, the offline tokenizer, Qwen's chat template."""
+    return family_of(preset.family).new_processor(preset.window_seconds, build_tokenizer(preset.vocab_size),
+                                                  CHAT_TEMPLATE)
 
 
 def _llm_config(spec: dict[str, Any], vocab_size: int) -> Qwen2Config:
@@ -154,7 +144,7 @@ def _llm_config(spec: dict[str, Any], vocab_size: int) -> Qwen2Config:
 
 
 def build_teacher(preset: Preset, seed: int, dropout: float | None = None, attention_dropout: float | None = None
-                  ) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+                  ) -> tuple[torch.nn.Module, Any]:
     """A randomly initialised teacher of the real architecture, from the preset's configs; `dropout`
     (the encoder's hidden and activation dropout) and `attention_dropout` (encoder and LLM) replace
     the preset's when given."""
@@ -165,14 +155,11 @@ def build_teacher(preset: Preset, seed: int, dropout: float | None = None, atten
         encoder_spec.update(dropout=dropout, activation_dropout=dropout)
     if attention_dropout is not None:
         encoder_spec["attention_dropout"] = llm_spec["attention_dropout"] = attention_dropout
-    encoder = Qwen2AudioEncoderConfig(num_mel_bins=128, max_source_positions=preset.window_seconds * 50, **encoder_spec)
-    config = Qwen2AudioConfig(
-        audio_config=encoder,
-        text_config=_llm_config(llm_spec, len(tokenizer)),
-        audio_token_index=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-    )
+    family = family_of(preset.family)
+    encoder = family.new_encoder_config(encoder_spec, preset.window_seconds)
+    llm = _llm_config(llm_spec, len(tokenizer))
     torch.manual_seed(seed)
-    return Qwen2AudioForConditionalGeneration(config), processor
+    return family.assemble(encoder, llm, tokenizer.convert_tokens_to_ids(family.audio_token)), processor
 
 
 def build_student_llm(preset: Preset, vocab_size: int, seed: int) -> Qwen2ForCausalLM:
@@ -180,68 +167,58 @@ def build_student_llm(preset: Preset, vocab_size: int, seed: int) -> Qwen2ForCau
     return Qwen2ForCausalLM(_llm_config(preset.student_llm, vocab_size))
 
 
-def load_encoder(teacher_dir: Path) -> tuple[Qwen2AudioEncoderConfig, dict[str, torch.Tensor], int]:
+def load_encoder(teacher_dir: Path) -> tuple[Any, dict[str, torch.Tensor], int]:
     """The teacher's audio encoder (config, weights) and audio token id, read from its files without
-    loading the teacher's LLM (checkpoints store the encoder under `audio_tower.`)."""
+    loading the teacher's LLM (checkpoints store the encoder under its family's `encoder_prefix`)."""
     from safetensors import safe_open
 
     files = model_files(teacher_dir, "run `pldistill train-teacher` first")
-    config = qwen2_audio_config(files)
+    config = model_config(files)
+    family = family_of(config, str(files))
     weights = {}
     for file in sorted(files.glob("*.safetensors")):
         with unreadable(teacher_dir), safe_open(str(file), "pt") as f:
             for key in f.keys():
-                # transformers 5 names them model.audio_tower.*, earlier checkpoints audio_tower.*
-                name = key.removeprefix("model.")
-                if name.startswith("audio_tower."):
-                    weights[name.removeprefix("audio_tower.")] = f.get_tensor(key)
+                name = key.removeprefix("model.")  # transformers 5 nests the parts under model., earlier ones not
+                if name.startswith(family.encoder_prefix):
+                    weights[name.removeprefix(family.encoder_prefix)] = f.get_tensor(key)
     if not weights:
-        raise PldistillError(f"{files}: no audio_tower weights found in its safetensors files")
-    return config.audio_config, weights, config.audio_token_index
+        raise PldistillError(f"{files}: no {family.encoder_prefix.rstrip('.')} weights found in its safetensors files")
+    return family.encoder_config(config), weights, family.audio_token_id(config)
 
 
-def assemble_student(
-    encoder_config: Qwen2AudioEncoderConfig,
-    encoder_weights: dict[str, torch.Tensor],
-    audio_token_index: int,
-    llm: Qwen2ForCausalLM,
-    seed: int,
-) -> Qwen2AudioForConditionalGeneration:
-    """Student = the teacher's audio encoder (weights copied, frozen) + a new projector + `llm`."""
-    config = Qwen2AudioConfig(
-        audio_config=encoder_config.to_dict(), text_config=llm.config.to_dict(), audio_token_index=audio_token_index
-    )
+def assemble_student(encoder_config, encoder_weights: dict[str, torch.Tensor], audio_token_index: int,
+                     llm: Qwen2ForCausalLM, seed: int) -> torch.nn.Module:
+    """Student = the teacher's audio encoder (weights copied, frozen) + a new projector + `llm`, a model of
+    the encoder's family."""
+    family = family_of(encoder_config, "the teacher's audio encoder")
     torch.manual_seed(seed)
-    student = Qwen2AudioForConditionalGeneration(config)
-    student.model.audio_tower.load_state_dict(encoder_weights)
-    student.model.language_model.load_state_dict(llm.model.state_dict())
+    student = family.assemble(encoder_config.to_dict(), llm.config.to_dict(), audio_token_index)
+    family.encoder(student).load_state_dict(encoder_weights)
+    family.llm(student).load_state_dict(llm.model.state_dict())
     if llm.config.tie_word_embeddings:
         # The container never ties lm_head to the embeddings itself: share them as the LLM does
         # (saved as two equal tensors, see save_model).
-        student.lm_head.weight = student.model.language_model.embed_tokens.weight
+        family.head(student).weight = family.llm(student).get_input_embeddings().weight
     else:
-        student.lm_head.load_state_dict(llm.lm_head.state_dict())
-    student.model.audio_tower.requires_grad_(False)
+        family.head(student).load_state_dict(llm.lm_head.state_dict())
+    family.encoder(student).requires_grad_(False)
     return student
 
 
-# LoRA as the paper configures it, on every LLM layer, by module path: the audio encoder has q/k/v
-# projections with the same short names and must stay frozen (and shared with the teacher).
-LLM_LORA_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-
-
-def add_lora(model: Qwen2AudioForConditionalGeneration, r: int = 8, alpha: int = 256, dropout: float = 0.1,
-             projector: str = "full"):
-    """Wrap the model with peft LoRA on the LLM's q, k, v, o, gate, up and down projections. The
-    projector is fully trainable (`projector: full`), gets LoRA too (`lora`, the paper's option for
-    the student) or stays frozen (`frozen`, the teacher); the audio encoder always stays frozen."""
+def add_lora(model, r: int = 8, alpha: int = 256, dropout: float = 0.1, projector: str = "full"):
+    """Wrap the model with peft LoRA on the LLM's linear layers (its family's `lora_targets`: for Qwen2 the
+    q, k, v, o, gate, up and down projections). The projector is fully trainable (`projector: full`), gets
+    LoRA too (`lora`, the paper's option for the student) or stays frozen (`frozen`, the teacher); the audio
+    encoder always stays frozen."""
     from peft import LoraConfig, get_peft_model
 
-    targets = LLM_LORA_TARGETS
+    family = family_of(model)
+    targets = family.lora_targets
     if projector == "lora":
-        targets = rf"({targets}|model\.multi_modal_projector\.linear)"
+        targets = rf"({targets}|{family.projector_lora})"
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        modules_to_save=["multi_modal_projector"] if projector == "full" else None)
+                        modules_to_save=[family.projector_name] if projector == "full" else None)
     return get_peft_model(model, config)
 
 
@@ -476,11 +453,12 @@ def cpu_kernels() -> str:
 
     with torch.random.fork_rng():
         model, _ = build_teacher(get_preset("tiny"), seed=0)
-        inner = model.model
+        family = family_of(model)
+        llm = family.llm(model)
         features, ids = torch.randn(2, 128, 400), torch.randint(0, model.config.text_config.vocab_size, (2, 16))
-        audio = inner.multi_modal_projector(inner.audio_tower(features).last_hidden_state)
-        embeds = torch.cat([audio, inner.get_input_embeddings()(ids)], 1)
-        logits = model.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
+        audio = family.project(model, family.encoder(model)(features).last_hidden_state)
+        embeds = torch.cat([audio, llm.get_input_embeddings()(ids)], 1)
+        logits = family.head(model)(llm(inputs_embeds=embeds).last_hidden_state)
         loss = torch.nn.functional.cross_entropy(logits[:, -16:-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         torch.optim.AdamW(model.parameters(), lr=1e-3).step()
@@ -493,7 +471,7 @@ def cpu_kernels() -> str:
 LOAD_ONLY = ("local_files_only", "is_local")  # how a tokenizer was loaded (HF_HUB_OFFLINE, a local folder), not what it is
 
 
-def save_processor(processor: Qwen2AudioProcessor, folder: Path) -> None:
+def save_processor(processor, folder: Path) -> None:
     """save_pretrained without the options the tokenizer was loaded with: transformers writes them into
     tokenizer_config.json, so the same model saved under another environment (HF_HUB_OFFLINE=1) would
     give other bytes."""
@@ -505,12 +483,13 @@ def save_processor(processor: Qwen2AudioProcessor, folder: Path) -> None:
         kwargs.update(kept)
 
 
-def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: Path, meta: ModelMeta) -> None:
+def save_model(model: torch.nn.Module, processor, folder: Path, meta: ModelMeta) -> None:
     """save_pretrained into a temporary folder, then swap it in. Tied output and input embeddings
     are written as two equal tensors: the container has no tied-weight declaration, so plain
     transformers loads them back correctly only that way."""
     tmp = fresh_folder(folder)
-    head, embed = model.lm_head, model.model.language_model.embed_tokens
+    family = family_of(model)
+    head, embed = family.head(model), family.llm(model).get_input_embeddings()
     tied = head.weight is embed.weight
     if tied:
         head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
@@ -526,7 +505,7 @@ def save_model(model: torch.nn.Module, processor: Qwen2AudioProcessor, folder: P
     return meta
 
 
-def save_reference(folder: Path, processor: Qwen2AudioProcessor, base: Checkpoint, meta: TeacherMeta,
+def save_reference(folder: Path, processor, base: Checkpoint, meta: TeacherMeta,
                    adapter: Any = None) -> None:
     """A model kept as a pointer to a checkpoint (`base`) plus, if given, a peft LoRA adapter: no copy
     of the checkpoint's weights. load_model resolves it."""
@@ -546,13 +525,13 @@ def model_files(folder: Path, missing_hint: str = "run the stage that makes it f
     meta = ModelMeta.read(folder) if (folder / METADATA_FILE).exists() else None
     base = meta.base if isinstance(meta, TeacherMeta) else None
     if (folder / "config.json").exists() or not base:
-        qwen2_audio_config(folder, missing_hint)
+        model_config(folder, missing_hint)
         return folder
     checkpoint = resolve_checkpoint(base["source"], base["revision"], f"{folder}: base checkpoint")
     if checkpoint.revision != base["revision"]:
         raise PldistillError(f"{folder}: its checkpoint `{base['source']}` changed since it was made (revision "
                              f"{checkpoint.revision}, recorded {base['revision']}); re-run the stage that made it")
-    qwen2_audio_config(checkpoint.path)
+    model_config(checkpoint.path)
     return checkpoint.path
 
 
@@ -580,28 +559,27 @@ def provenance(folder: Path) -> Provenance:
     return Provenance(str(folder), made_by.weights, made_by.checkpoint)
 
 
-def qwen2_audio_config(folder: Path, missing_hint: str = "run the stage that makes it first"):
-    """The folder's config; a missing folder or another architecture is a one-line error."""
+def model_config(folder: Path, missing_hint: str = "run the stage that makes it first"):
+    """The folder's config; a missing folder or an architecture of no known family is a one-line error."""
     from transformers import AutoConfig
 
     if not (folder / "config.json").exists():
         raise PldistillError(f"{folder}: no model here (config.json missing); {missing_hint}")
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "qwen2_audio":
-        raise PldistillError(f"{folder}: a `{config.model_type}` checkpoint, expected qwen2_audio (Qwen2-Audio)")
+    family_of(config, str(folder))
     return config
 
 
 def load_model(folder: Path, device: torch.device | str = "cpu",
                missing_hint: str = "run the stage that makes it first",
-               dtype: torch.dtype = torch.float32) -> tuple[Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor]:
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
     """Load a saved model (or a reference to a checkpoint, with its LoRA adapter merged) and its
     processor; a missing folder or another architecture is a one-line error."""
     from transformers import AutoProcessor
 
     files = model_files(folder, missing_hint)
     with unreadable(folder):
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(files, dtype=dtype)
+        model = family_of(model_config(files)).load(files, dtype)
         if (folder / "adapter_config.json").exists():
             from peft import PeftModel
 

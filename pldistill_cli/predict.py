@@ -11,9 +11,9 @@ import torch
 from .audio import BadAudio, read_audio
 from .datasets import CORPORA
 from .forward import audio_features, encode_audio, score_labels
+from .families import family_of
 from .inputs import unusable_input
 from .models import AnyModelMeta, ModelMeta, TeacherMeta, load_model
-from .prompt import PromptLayout
 from .training import resolve_device
 
 MIN_WINDOW_S = 0.5  # a trailing piece shorter than this is not scored on its own
@@ -67,7 +67,7 @@ class Predictor:
         self.model, self.processor = load_model(
             model_dir, self.device, "run `dvc repro` (or `pldistill distill`) first, or pass --model")
         made_by = ModelMeta.read(model_dir)
-        self.prompt = PromptLayout.from_processor(self.processor, made_by.labels)
+        self.prompt = family_of(self.model).prompt(self.processor, made_by.labels)
         self.rate = self.processor.feature_extractor.sampling_rate
         self.window = int(self.processor.feature_extractor.chunk_length * self.rate)
         # the shortest clip the model was trained on (preprocess quarantines shorter ones)

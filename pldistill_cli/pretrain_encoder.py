@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import Params, fingerprint
+from .families import family_of
 from .forward import audio_features, encode_audio, step_mask
 from .layout import Layout
 from .models import EncoderMeta, begin_pretraining, build_teacher, environment, get_preset, save_pretrained
@@ -58,7 +59,7 @@ def pretrain_encoder(params: Params, layout: Layout = Layout()) -> EncoderMeta:
     scale = (values[held:].mean(0), values[held:].std(0).clamp(min=1e-6))
     targets, tunes = (values - scale[0]) / scale[1], torch.tensor(tunes)
 
-    encoder = model.model.audio_tower.to(device)
+    encoder = family_of(model).encoder(model).to(device)
     head = torch.nn.Linear(4 * encoder.config.d_model, len(PROSODY_TARGETS) + 3).to(device)
 
     def predict(rows: list[int]) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 
 from .config import Params, fingerprint
 from .data import AudioBatch, Clips, text_batch
+from .families import family_of
 from .errors import PldistillError
 from .forward import audio_features, encode_audio, forward_from_encoder
 from .layout import Layout
@@ -31,7 +32,6 @@ from .losses import answer_cross_entropy
 from .metrics import classification_metrics
 from .models import (TeacherInitMeta, begin_pretraining, build_teacher, environment, get_preset, pretrained_encoder,
                      save_pretrained)
-from .prompt import PromptLayout
 from .scoring import predict_clips
 from .synthesis import LABELS, plan_emotion_pool, render_features
 from .training import LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything, \
@@ -40,11 +40,12 @@ from .ui import console, progress
 
 
 class _PoolClips(Clips):
-    """Clips whose log-mels were computed from rendered audio in memory (no files): rows need `label`
+    """Clips whose log-mels `processor` computed from rendered audio in memory (no files): rows need `label`
     and `duration` only."""
 
-    def __init__(self, rows: pd.DataFrame, features: torch.Tensor, feature_mask: torch.Tensor):
+    def __init__(self, rows: pd.DataFrame, features: torch.Tensor, feature_mask: torch.Tensor, processor):
         self.rows, self.features, self.feature_mask = rows.reset_index(drop=True), features, feature_mask
+        self.processor = processor
 
 
 def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMeta:
@@ -61,10 +62,10 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
     seed_everything(params.seed)
     model, processor = build_teacher(get_preset(preset), params.seed)
     if encoder_weights is not None:
-        model.model.audio_tower.load_state_dict(encoder_weights)
-    model.model.audio_tower.requires_grad_(False)  # as train-teacher's default (train_teacher.encoder: frozen)
+        family_of(model).encoder(model).load_state_dict(encoder_weights)
+    family_of(model).encoder(model).requires_grad_(False)  # as train-teacher's default (train_teacher.encoder: frozen)
     model.to(device)
-    prompt = PromptLayout.from_processor(processor, labels)
+    prompt = family_of(processor, "processor").prompt(processor, labels)
     with progress("synthesise the teacher's pretraining speech", len(plan)) as bar:
         features, feature_mask, durations = render_features(plan, processor.feature_extractor.sampling_rate,
                                                             functools.partial(audio_features, processor), bar.advance)
@@ -72,8 +73,8 @@ def pretrain_teacher(params: Params, layout: Layout = Layout()) -> TeacherInitMe
                          "duration": durations})
     held = set(sorted(set(rows["speaker"]))[-p.validation_voices:])
     is_held = torch.tensor(rows["speaker"].isin(held).to_numpy())
-    train = _PoolClips(rows[~is_held.numpy()], features[~is_held], feature_mask[~is_held])
-    validation = _PoolClips(rows[is_held.numpy()], features[is_held], feature_mask[is_held])
+    train = _PoolClips(rows[~is_held.numpy()], features[~is_held], feature_mask[~is_held], processor)
+    validation = _PoolClips(rows[is_held.numpy()], features[is_held], feature_mask[is_held], processor)
     console.print(f"teacher ({preset}) pretraining: {len(train)} clips of {p.voices - p.validation_voices} voices, "
                   f"{len(validation)} of {p.validation_voices} held out")
 

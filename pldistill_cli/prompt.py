@@ -48,7 +48,9 @@ class PromptLayout:
     text: str
 
     @classmethod
-    def from_processor(cls, processor, labels: Sequence[str]) -> "PromptLayout":
+    def from_processor(cls, processor, labels: Sequence[str], audio_token: str = AUDIO_TOKEN,
+                       end_of_turn: str = END_OF_TURN) -> "PromptLayout":
+        """`audio_token` and `end_of_turn`: the model family's (families.AudioLLM.prompt)."""
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": [{"type": "audio", "audio": "clip"}, {"type": "text", "text": user_prompt(labels)}]},
@@ -56,11 +58,11 @@ class PromptLayout:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         tokenizer = processor.tokenizer
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        audio_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+        audio_id = tokenizer.convert_tokens_to_ids(audio_token)
         if ids.count(audio_id) != 1:
-            raise PldistillError(f"the processor's chat template must place exactly one {AUDIO_TOKEN}; got {ids.count(audio_id)}")
+            raise PldistillError(f"the processor's chat template must place exactly one {audio_token}; got {ids.count(audio_id)}")
         at = ids.index(audio_id)
-        eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn)
         answers = tuple(tuple(tokenizer(label, add_special_tokens=False)["input_ids"]) + (eot,) for label in labels)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
         return cls(tuple(ids[:at]), tuple(ids[at + 1 :]), tuple(labels), answers, audio_id, pad, text)

@@ -26,6 +26,7 @@ import soundfile as sf
 from .cache import TeacherCache, expected_meta
 from .config import Params
 from .datasets import CORPORA, UNKNOWN
+from .families import family_of
 from .errors import PldistillError
 from .files import atomic_path, fresh_folder, replace_folder, write_text
 from .layout import REPORT_FILES, Layout, student_name
@@ -33,7 +34,6 @@ from .manifest import manifest_labels, read_manifest
 from .methods import METHODS
 from .metrics import classification_metrics, cluster_bootstrap_ua, confusion, holm, smallest_p, speaker_paired_test
 from .models import StudentMeta, TeacherMeta
-from .prompt import PromptLayout
 
 CURVES = ("loss", "ce", "cka", "mse", "kl", "validation_ua")  # the per-epoch terms drawn
 BASELINE = "ce"  # every other method is compared with this one, speaker by speaker
@@ -372,7 +372,8 @@ def _cache_stats(params: Params, layout: Layout, dataset: str, fold: int, labels
     from transformers import AutoProcessor
 
     teacher = layout.teacher(dataset, fold)
-    prompt = PromptLayout.from_processor(AutoProcessor.from_pretrained(teacher), labels)
+    processor = AutoProcessor.from_pretrained(teacher)
+    prompt = family_of(processor, "processor").prompt(processor, labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher, prompt, params), prompt)
     k, temperature = cache.meta.cache.top_k, cache.meta.cache.temperature
     rows = cache.table(["label", "split", "input_ids", "topk_ids", "topk_logprobs", "effective_steps", "n_audio"])

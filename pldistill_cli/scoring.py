@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from .data import Clips, length_sorted_batches
+from .families import family_of
 from .forward import CACHE, encode_audio, forward_from_encoder, score_labels
 from .metrics import parse_answer
 from .prompt import PromptLayout
@@ -87,6 +88,7 @@ def generate_answer(model, prompt: PromptLayout, encoded: torch.Tensor, lengths:
     mask = torch.ones_like(ids)
     eot = prompt.answers[0][-1]
     logits, _, cache = forward_from_encoder(model, encoded, lengths, ids, mask, use_cache=True)
+    family = family_of(model)
     out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
@@ -95,7 +97,7 @@ def generate_answer(model, prompt: PromptLayout, encoded: torch.Tensor, lengths:
         out.append(token)
         step = torch.tensor([[token]], device=encoded.device)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-        hidden = model.model.language_model(input_ids=step, attention_mask=mask, use_cache=True, **{CACHE: cache},
-                                            position_ids=torch.tensor([[mask.shape[1] - 1]], device=encoded.device))
-        logits, cache = model.lm_head(hidden.last_hidden_state), getattr(hidden, CACHE)
+        hidden = family.llm(model)(input_ids=step, attention_mask=mask, use_cache=True, **{CACHE: cache},
+                                   position_ids=torch.tensor([[mask.shape[1] - 1]], device=encoded.device))
+        logits, cache = family.head(model)(hidden.last_hidden_state), getattr(hidden, CACHE)
     return tokenizer.decode(out, skip_special_tokens=True)

@@ -13,11 +13,12 @@ import dataclasses
 
 import pandas as pd
 import torch
-from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+from transformers import AutoProcessor
 
 from .checkpoints import checked_config, resolve_checkpoint
 from .config import Params, fingerprint, preprocessing
 from .data import Clips, spec_augment, text_batch
+from .families import family_of
 from .errors import PldistillError
 from .forward import encode_audio, forward_from_encoder
 from .layout import Layout
@@ -27,7 +28,6 @@ from .metrics import classification_metrics
 from .models import (TeacherMeta, add_lora, build_processor, build_teacher, check_sample_rate, count_parameters,
                      environment, get_preset, pretrained_encoder, pretrained_teacher, save_model, save_reference,
                      weights_dtype)
-from .prompt import PromptLayout
 from .scoring import predict_clips
 from .training import (LoopResult, LoopSettings, Run, TrainingStep, autocast, fit, resolve_device, seed_everything,
                        shard, sharded_predictions, shuffled_batches, start_processes)
@@ -65,7 +65,8 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
     if init is not None:
         sections["init"] = {"source": init.source, "weights": init.weights}
     check_sample_rate(processor, params.preprocess.sample_rate)
-    prompt = PromptLayout.from_processor(processor, labels)
+    family = family_of(processor, "processor")
+    prompt = family.prompt(processor, labels)
     made_by = TeacherMeta(
         dataset=dataset, fold=fold, labels=labels, prompt=prompt.text, preset=params.model.preset, seed=params.seed,
         params=sections, versions=environment(device), mode=p.mode,
@@ -85,12 +86,11 @@ def train_teacher(dataset: str, fold: int, params: Params, layout: Layout = Layo
             if init_weights is not None:  # pretrain-teacher's: every weight (its encoder is data/encoder's: checked)
                 model.load_state_dict(init_weights)
             elif encoder_weights is not None:
-                model.model.audio_tower.load_state_dict(encoder_weights)
+                family.encoder(model).load_state_dict(encoder_weights)
             if init_weights is not None or encoder_weights is not None:
-                model.model.audio_tower.requires_grad_(p.encoder == "trained")
+                family.encoder(model).requires_grad_(p.encoder == "trained")
         else:
-            model = Qwen2AudioForConditionalGeneration.from_pretrained(
-                base.path, dtype=weights_dtype(params.model.dtype, device, frozen=True))
+            model = family.load(base.path, weights_dtype(params.model.dtype, device, frozen=True))
         model.to(device)
         if params.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
