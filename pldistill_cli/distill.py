@@ -19,8 +19,8 @@ from .cache import CachedTargets, TeacherCache, expected_meta
 from .checkpoints import load_student_llm
 from .config import DISTILL_KEYS, Params, fingerprint, preprocessing
 from .data import labelled_clips
-from .families import family_of
 from .errors import PldistillError
+from .families import family_of
 from .forward import score_labels
 from .layout import Layout, student_name
 from .manifest import manifest_labels

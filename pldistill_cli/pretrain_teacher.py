@@ -24,8 +24,8 @@ import torch
 
 from .config import Params, fingerprint
 from .data import AudioBatch, Clips, text_batch
-from .families import family_of
 from .errors import PldistillError
+from .families import family_of
 from .forward import audio_features, encode_audio, forward_from_encoder
 from .layout import Layout
 from .losses import answer_cross_entropy

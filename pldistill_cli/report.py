@@ -26,8 +26,8 @@ import soundfile as sf
 from .cache import TeacherCache, expected_meta
 from .config import Params
 from .datasets import CORPORA, UNKNOWN
-from .families import family_of
 from .errors import PldistillError
+from .families import family_of
 from .files import atomic_path, fresh_folder, replace_folder, write_text
 from .layout import REPORT_FILES, Layout, student_name
 from .manifest import manifest_labels, read_manifest

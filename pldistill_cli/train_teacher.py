@@ -18,8 +18,8 @@ from transformers import AutoProcessor
 from .checkpoints import checked_config, resolve_checkpoint
 from .config import Params, fingerprint, preprocessing
 from .data import Clips, spec_augment, text_batch
-from .families import family_of
 from .errors import PldistillError
+from .families import family_of
 from .forward import encode_audio, forward_from_encoder
 from .layout import Layout
 from .losses import answer_cross_entropy

@@ -16,14 +16,14 @@ from pldistill_cli.families import AudioLLM, family_of, register
 from pldistill_cli.families.qwen2_llm import Qwen2Decoder
 from pldistill_cli.forward import (audio_features, audio_steps, encode_audio, forward_from_encoder,
                                    forward_with_audio_attention, score_labels, step_mask, topk_from_hidden)
-from pldistill_cli.labels import label_set
+from pldistill_cli.datasets import CORPORA
 from pldistill_cli.losses import topk_logprobs
 from pldistill_cli.methods import METHODS
 from pldistill_cli.models import (PRESETS, Preset, add_lora, assemble_student, build_student_llm, build_teacher,
                                   load_encoder, load_model)
 from pldistill_cli.terms import TargetCollate, Teacher, distillation_terms
 
-LABELS = label_set("synthetic")
+LABELS = CORPORA["synthetic"].labels
 RATE = 16000
 
 

@@ -239,7 +239,7 @@ def test_a_wrong_number_in_the_report_is_caught(hand_made_study):
         check(markdown, frame)
 
 
-@pytest.mark.parametrize("folder", ["report", "report/study"])
+@pytest.mark.parametrize("folder", ["report", "report/study/labels-25", "report/study/labels-100"])
 def test_the_committed_reports_are_recomputed_from_their_predictions(folder):
     """The default's report and the study's (scripts/study.sh copies the study's report, predictions.csv
     included): skipped where a report predates predictions.csv."""
