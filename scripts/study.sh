@@ -2,8 +2,8 @@
 # The study beside the default: `dvc repro` on params.yaml with the design's settings (study/DESIGN.yaml)
 # merged in, in a scratch clone of this repository's HEAD, then its report copied to report/study/DESIGN/
 # (Markdown, HTML, figures, and predictions.csv: every run's per-clip test predictions, from which
-# tests/test_study_recompute.py recomputes the main table and the paired tests). The two designs take about
-# 100 minutes each on one core of the 2-core CPU machine, side by side; resumable (run it again: DVC skips
+# tests/test_study_recompute.py recomputes the main table and the paired tests). The two designs took about
+# 80 (labels-25) and 50 (labels-100) minutes side by side on the 2-core CPU machine; resumable (run it again: DVC skips
 # the stages that are done).
 #   bash scripts/study.sh DESIGN [SCRATCH_DIR]     (DESIGN: labels-25 | labels-100; default ../pldistill-study-DESIGN)
 set -euo pipefail
