@@ -226,7 +226,9 @@ def test_dvc_repro_runs_a_real_corpus_layout_to_the_report(repo):
 def test_editing_a_module_reruns_exactly_the_stages_that_import_it(repo, module):
     path = repo / "pldistill_cli" / module
     original = path.read_text()
-    expected = {name for name, stage in STAGES.items() if f"pldistill_cli/{module}" in code_deps(stage)}
+    # (the cross-corpus stages have no rows here: the repo's cross_corpus is empty)
+    expected = {name for name, stage in STAGES.items()
+                if f"pldistill_cli/{module}" in code_deps(stage) and "pair" not in stage.axes}
     try:
         path.write_text(original + "# an edit\n")
         changed = {name.split("@")[0] for name in stages_to_run(repo)}
