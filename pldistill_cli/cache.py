@@ -35,6 +35,11 @@ from .files import atomic_path, write_json
 from .models import Provenance, provenance
 from .prompt import PromptLayout
 
+# pyarrow installs its own Ctrl-C handler for the length of a read and swallows a SIGINT that arrives then: a
+# training run reading cached rows each batch would train on after Ctrl-C. Python's handler raises
+# KeyboardInterrupt as soon as the read returns.
+pa.enable_signal_handlers(False)
+
 FORMAT_VERSION = 3
 CACHE_SCHEMA = pa.schema(
     [
