@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from .inputs import (METADATA_FILE, MIN_SECONDS, audio_problem, check_cache_sett
                      how_to_make, unusable_input)
 from .layout import Layout, student_name
 from .methods import MethodName
-from .ui import console
+from .ui import console, on_ctrl_c
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -407,6 +408,7 @@ def _usage_errors() -> tuple[type, ...]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         code = app(standalone_mode=False)
     except _usage_errors() as exc:  # a bad option or value: one line, exit 2

@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .errors import PldistillError
 from .files import atomic_path, write_json
-from .ui import console, progress
+from .ui import console, interrupted, progress
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,6 +198,8 @@ def train_with_validation(
             totals: dict[str, float] = {}
             n = steps = 0
             for i, batch in enumerate(batches(epoch)):
+                if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way
+                    raise KeyboardInterrupt
                 update = (i + 1) % settings.grad_accum == 0
                 with nullcontext() if update else accelerator.no_sync(parallel):  # all-reduce once per update
                     terms = parallel(batch)

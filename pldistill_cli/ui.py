@@ -5,6 +5,7 @@ work is done, never a partial line."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -13,6 +14,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
+# Set by Ctrl-C (on_ctrl_c, installed by the CLI). The KeyboardInterrupt the handler raises can land in code
+# that swallows it (a finalizer, a library's own signal handling during a read), so the training loop also
+# checks this flag before every batch.
+interrupted = threading.Event()
+
+
+def on_ctrl_c(signum, frame) -> None:
+    interrupted.set()
+    raise KeyboardInterrupt
 _active: Progress | None = None  # rich allows one live display: nested bars join it
 _lines: Lines | None = None  # off a terminal: the outermost piece of work; nested ones print nothing
 # seconds spent under each kind of progress bar (its description's first word: train, validate, ...),
