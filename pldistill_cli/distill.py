@@ -172,7 +172,8 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
 
     processor = AutoProcessor.from_pretrained(teacher_dir)  # the student always uses the teacher's processor
     check_sample_rate(processor, params.preprocess.sample_rate)
-    prompt = family_of(processor, "processor").prompt(processor, labels)
+    family = family_of(processor, "processor")  # the student's is the teacher's family
+    prompt = family.prompt(processor, labels)
     cache = TeacherCache(layout.cache(dataset, fold), expected_meta(teacher_dir, prompt, params), prompt)
     columns = method.columns
     if cache.meta.cache.projector_targets == "gram" and method.projector in ("aw_cka", "cka"):
@@ -184,7 +185,7 @@ def distill(dataset: str, fold: int, params: Params, layout: Layout = Layout(), 
     teacher = Teacher.of(cache.projector_weight, cache.projector_bias, cache.meta.cache.temperature,
                          weights.get("cka_estimator", "biased"))
     student = fresh_student(params, processor, teacher_dir, seed, cache, method, device)
-    vocab = family_of(student.model).llm(student.model).config.vocab_size
+    vocab = family.llm(student.model).config.vocab_size
     teacher_constants(train, method, teacher, prompt, p.batch_size, vocab, p.teacher_memory_mb)
     teacher = teacher.to(device)
     trainable = sum(x.numel() for x in student.model.parameters() if x.requires_grad)

@@ -225,15 +225,18 @@ def code_deps(stage: Stage) -> list[str]:
 # ------------------------------------------------------------------------------------------ dvc.yaml
 
 
-def _dvc(text: str, axes: tuple[str, ...]) -> str:
-    return text.format(**_placeholders(lambda name: "${item.%s}" % name))
+_ITEM = _placeholders(lambda name: "${item.%s}" % name)  # DVC's matrix values: ${item.fold}, ${item.pair.train}
 
 
-def _out(path: str, axes, **extra) -> dict:
+def _dvc(text: str) -> str:
+    return text.format(**_ITEM)
+
+
+def _out(path: str, **extra) -> dict:
     # cache: false (large or per-machine outputs stay out of DVC's cache); persist: true (DVC does not
     # delete them before a run: every stage replaces its outputs atomically, so a failed run leaves
     # the previous outputs as they were)
-    return {_dvc(path, axes): {"cache": False, "persist": True, **extra}}
+    return {_dvc(path): {"cache": False, "persist": True, **extra}}
 
 
 def dvc_stage(stage: Stage) -> dict:
@@ -242,13 +245,13 @@ def dvc_stage(stage: Stage) -> dict:
     entry: dict = {}
     if axes:
         entry["matrix"] = {a: "${%s}" % AXES[a] for a in axes}
-    entry["cmd"] = f"{start} {stage.cli(_placeholders(lambda name: '${item.%s}' % name))}"
-    entry["deps"] = [_dvc(d, axes) for d in stage.deps] + code_deps(stage)
-    entry["params"] = [_dvc(p, axes) for p in stage.params]
+    entry["cmd"] = f"{start} {stage.cli(_ITEM)}"
+    entry["deps"] = [_dvc(d) for d in stage.deps] + code_deps(stage)
+    entry["params"] = [_dvc(p) for p in stage.params]
     if stage.outs:
-        entry["outs"] = [_out(o, axes) for o in stage.outs]
+        entry["outs"] = [_out(o) for o in stage.outs]
     if stage.metrics:
-        entry["metrics"] = [_out(m, axes) for m in stage.metrics]
+        entry["metrics"] = [_out(m) for m in stage.metrics]
     return entry
 
 

@@ -106,7 +106,6 @@ class LoopSettings:
     warmup_steps: int = 0
     patience: int = 0  # stop after this many epochs without a better validation score (0 = never)
 
-
     @classmethod
     def of(cls, section) -> "LoopSettings":
         """A stage's params section (`epochs`, `lr`, `weight_decay`; `max_grad_norm`, `grad_accum`, `patience`
